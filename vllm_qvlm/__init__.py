@@ -1,0 +1,3 @@
+"""vLLM plugin."""
+def register():
+    pass

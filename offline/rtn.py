@@ -17,6 +17,13 @@ from qvlm_kernels.reference import quantize_codes
 _MIN_SCALE = 2.0**-24  # smallest positive float16
 
 
+def to_float16_at_least(s: torch.Tensor) -> torch.Tensor:
+    """Round scales *up* to float16, so the stored grid still spans the range it was fit to."""
+    h = s.clamp(min=_MIN_SCALE).to(torch.float16)
+    low = h.to(torch.float32) < s
+    return torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
 def group_view(wt: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[K, N]`` -> ``[G, group, N]``, zero-padding a partial last group."""
     k, n = wt.shape
@@ -36,11 +43,11 @@ def rtn_grid(wt: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Ten
     qmax = (1 << spec.bits) - 1
     if spec.symmetric:
         absmax = groups.abs().amax(dim=1)
-        scales = (absmax / (spec.implicit_zero - 1)).clamp(min=_MIN_SCALE).to(torch.float16)
+        scales = to_float16_at_least(absmax / (spec.implicit_zero - 1))
         return scales, None
     lo = groups.amin(dim=1).clamp(max=0)
     hi = groups.amax(dim=1).clamp(min=0)
-    scales = ((hi - lo) / qmax).clamp(min=_MIN_SCALE).to(torch.float16)
+    scales = to_float16_at_least((hi - lo) / qmax)
     zeros = torch.round(-lo / scales.to(torch.float32)).clamp(0, qmax).to(torch.uint8)
     return scales, zeros
 

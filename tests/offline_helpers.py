@@ -13,3 +13,44 @@ def make_layer_tensors(k: int, n: int, spec, seed: int = 0) -> dict[str, torch.T
     if qzeros is not None:
         out["qzeros"] = qzeros
     return out
+
+
+def write_fake_llava(
+    d, *, hidden: int = 64, intermediate: int = 128, layers: int = 1, vision: int = 32, vocab: int = 50, seed: int = 0
+):
+    """A llava-hf layout checkpoint with random tensors (no tokenizer, no transformers): for export tests."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.05).to(torch.bfloat16)
+
+    t = {"language_model.model.embed_tokens.weight": r(vocab, hidden), "language_model.lm_head.weight": r(vocab, hidden),
+         "language_model.model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+         "multi_modal_projector.linear_1.weight": r(hidden, vision), "multi_modal_projector.linear_1.bias": r(hidden),
+         "multi_modal_projector.linear_2.weight": r(hidden, hidden), "multi_modal_projector.linear_2.bias": r(hidden)}
+    for i in range(layers):
+        p = f"language_model.model.layers.{i}."
+        for n in ("q", "k", "v", "o"):
+            t[p + f"self_attn.{n}_proj.weight"] = r(hidden, hidden)
+        t[p + "mlp.gate_proj.weight"] = r(intermediate, hidden)
+        t[p + "mlp.up_proj.weight"] = r(intermediate, hidden)
+        t[p + "mlp.down_proj.weight"] = r(hidden, intermediate)
+        t[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        v = f"vision_tower.vision_model.encoder.layers.{i}."
+        for n in ("q", "k", "v", "out"):
+            t[v + f"self_attn.{n}_proj.weight"] = r(vision, vision)
+            t[v + f"self_attn.{n}_proj.bias"] = r(vision)
+        t[v + "mlp.fc1.weight"] = r(4 * vision, vision)
+        t[v + "mlp.fc2.weight"] = r(vision, 4 * vision)
+    save_file(t, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}))
+    (d / "tokenizer.json").write_text("{}")
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    return d, t

@@ -47,9 +47,9 @@ decode latency at group size 128. Hence:
 * at ``M = 1`` there are only ``cdiv(N, BLOCK_N)`` output tiles (e.g. 64 for
   N=4096), fewer than the SMs of an H100 (132), so K is split (``split_k``) to
   put enough CTAs in flight to saturate HBM bandwidth; partial sums go to a
-  small fp32 ``[split_k, M, N]`` buffer that one ``sum`` reduces (deterministic,
-  no atomics, no zero-fill; the extra traffic is ``split_k*M*N*4`` bytes, tiny
-  next to the weights at small M);
+  small fp32 ``[split_k, M, N]`` buffer that a second tiny kernel sums (adding
+  the bias and casting); deterministic, no atomics, no zero-fill, and the extra
+  traffic is ``split_k*M*N*4`` bytes, tiny next to the weights at small M;
 * prefill (large M) is compute-bound: the autotuner picks larger ``BLOCK_M``
   tiles and ``split_k`` is 1; programs run M-tile-fastest so CTAs that share a
   weight tile run together and hit L2.
@@ -139,7 +139,7 @@ def _w4a16_kernel(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_os, stride_om, stride_on,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
-    GROUP_ALIGNED: tl.constexpr, X_FP32: tl.constexpr,
+    GROUP_ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m, offs_n = _tile_ids(M, N, BLOCK_M, BLOCK_N)
@@ -160,11 +160,10 @@ def _w4a16_kernel(
             # then one scale multiply of the [BLOCK_M, BLOCK_N] partial product.
             s, z = _group_params(s_ptr, z_ptr, k0 // GS, offs_n, offs_n < N,
                                  stride_sg, stride_sn, stride_zg, stride_zn, HAS_ZEROS)
-            w = (codes - z[None, :]).to(x_ptr.dtype.element_ty)
-            if X_FP32:
-                part = tl.dot(x, w, input_precision="ieee")
+            if DOT_F32:
+                part = tl.dot(x.to(tl.float32), (codes - z[None, :]).to(tl.float32), input_precision="ieee")
             else:
-                part = tl.dot(x, w)
+                part = tl.dot(x, (codes - z[None, :]).to(x_ptr.dtype.element_ty))
             acc += part * s[None, :]
         else:
             # Groups change inside the block (group size not a multiple of 16):
@@ -252,6 +251,19 @@ def _w8a8_kernel(
 
 
 @triton.jit
+def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass of split-K: ``out = sum_s part[s] (+ bias)``, cast; contiguous buffers."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _per_token_quant_int8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, stride_qk,
                                  BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -327,6 +339,13 @@ def _num_sms(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    # fp32 activations: exact IEEE fp32 dot (no TF32). The interpreter stores bf16
+    # as raw uint16 and its dot would multiply the bit patterns, so there bf16 tiles
+    # are upcast first (products of bf16 values are exact in fp32: same result).
+    return dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16)
 
 
 def _pow2_divisor(n: int) -> int:
@@ -417,11 +436,14 @@ def _launch_gemm(kernel, M, N, split, tensors, ints, strides, out_strides, const
 
 
 def _reduce_splits(part: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
-    """Second pass of split-K: sum the fp32 partials, add the bias, cast."""
-    y = part.sum(dim=0)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(dtype)
+    """Second pass of split-K: sum the fp32 partials, add the bias, cast (one small kernel)."""
+    split, M, N = part.shape
+    out = torch.empty((M, N), dtype=dtype, device=part.device)
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+        part, bias if bias is not None else part, out, M * N, N, split, HAS_BIAS=bias is not None, BLOCK=block
+    )
+    return out
 
 
 def _out_buffers(M, N, split, dtype, device):
@@ -468,7 +490,7 @@ def w4a16_gemm(
          zeros.stride(0), zeros.stride(1)),
         out_strides,
         dict(HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None, IS_SPLIT=split > 1,
-             GROUP_ALIGNED=aligned, X_FP32=x.dtype == torch.float32),
+             GROUP_ALIGNED=aligned, DOT_F32=_dot_in_fp32(x.dtype)),
         block_k,
     )
     out = dest if part is None else _reduce_splits(part, x.dtype, bias)

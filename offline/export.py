@@ -17,17 +17,19 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qvlm_kernels.checkpoint import (
     INDEX_FILE,
+    SAFETENSORS_DTYPES,
+    TensorInfo,
     find_quant_config,
     read_config,
     read_tensor,
@@ -60,6 +62,8 @@ IGNORE_LM_HEAD = ["re:^(language_model\\.)?lm_head$"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 _SKIP_FILES = {INDEX_FILE, "config.json"}
 
+_ST_DTYPES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
 QuantizeFn = Callable[[torch.Tensor, object, str], tuple]
 
 
@@ -91,35 +95,72 @@ def wants_quantization(module: str, quantize_vision: bool, quantize_lm_head: boo
 
 
 class _ShardWriter:
-    """Accumulates tensors and flushes a shard whenever ``max_bytes`` is reached."""
+    """Writes each tensor to disk as soon as it is added; memory holds no shard.
+
+    Tensor bytes go to a scratch data file; when a shard reaches ``max_bytes`` its
+    safetensors header is written and the data appended in chunks. Costs a second
+    pass over the output on disk, saves holding a shard (or safetensors' serialized
+    copy of one) in RAM.
+    """
 
     def __init__(self, out_dir: Path, max_bytes: int):
         self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
         self.files: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
+        self._open_shard()
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.contiguous()
-        nbytes = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+    def _open_shard(self) -> None:
+        self.header: dict[str, dict] = {}
+        self.offset = 0
+        self.data_path = self.out_dir / f"shard-{len(self.files):05d}.data"
+        self.data = open(self.data_path, "wb")
+
+    def _entry(self, name: str, dtype: str, shape, nbytes: int) -> None:
+        if self.header and self.offset + nbytes > self.max_bytes:
             self.flush()
-        self.pending[name] = t
-        self.pending_bytes += nbytes
+        self.header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self.offset, self.offset + nbytes]}
+        self.offset += nbytes
         self.total_bytes += nbytes
 
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        self._entry(name, _ST_DTYPES[t.dtype], t.shape, t.numel() * t.element_size())
+        if t.numel():
+            self.data.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+    def copy(self, info: TensorInfo) -> None:
+        """Copy a tensor byte for byte from its source file, in chunks (never whole in memory)."""
+        self._entry(info.name, info.dtype, info.shape, info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            left = info.nbytes
+            while left:
+                chunk = f.read(min(left, 16 * 2**20))
+                if not chunk:
+                    raise FormatError(f"{info.file}: truncated: tensor {info.name!r}")
+                self.data.write(chunk)
+                left -= len(chunk)
+
     def flush(self) -> None:
-        if not self.pending:
+        if not self.header:
             return
+        self.data.close()
         fname = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.out_dir / fname), metadata={"format": "pt"})
-        self.files.append((fname, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # data starts 8-byte aligned
+        with open(self.out_dir / fname, "wb") as f, open(self.data_path, "rb") as data:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            shutil.copyfileobj(data, f, 16 * 2**20)
+        self.data_path.unlink()
+        self.files.append((fname, list(self.header)))
+        self._open_shard()
 
     def finish(self) -> None:
         """Give shards their final names and write the index when there are several."""
         self.flush()
+        self.data.close()
+        self.data_path.unlink()
         n = len(self.files)
         if n == 0:
             raise FormatError("no tensors to write")
@@ -131,6 +172,22 @@ class _ShardWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _fixed_mmap_threshold() -> None:
+    """Keep freed multi-MB buffers from staying resident (glibc only; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large frees, after which per-tensor
+    temporaries come from the heap and fragment it: peak RSS then grows with the
+    model (measured: +0.6 GB on a 1.3 GB checkpoint). A fixed 1 MiB threshold
+    returns them to the OS on free.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def build_quant_config(
@@ -176,6 +233,7 @@ def export_checkpoint(
     if out.resolve() == src.resolve():
         raise ValueError("output directory must differ from the source")
     table = tensor_table(src)
+    _fixed_mmap_threshold()
     if quantize_fn is None:
         if method != "rtn":
             raise ValueError(f"method {method!r} needs a quantize_fn")
@@ -195,24 +253,24 @@ def export_checkpoint(
         for info in bar:
             report.bytes_in += info.nbytes
             module, _, suffix = info.name.rpartition(".")
-            tensor = read_tensor(info)
             spec = qcfg.layer_spec(module)
-            if suffix == "weight" and spec is not None and wants_quantization(module, quantize_vision, quantize_lm_head):
-                k = tensor.shape[1] if tensor.dim() == 2 else 0
-                if k % spec.pack_factor:
-                    report.skipped[module] = f"input width {k} is not a multiple of {spec.pack_factor}"
-                    skipped_patterns.append(module)
-                    writer.add(info.name, tensor)
-                    continue
-                qweight, scales, qzeros = quantize_fn(tensor, spec, info.name)
-                writer.add(f"{module}.{QWEIGHT}", qweight)
-                writer.add(f"{module}.{SCALES}", scales)
-                if qzeros is not None:
-                    writer.add(f"{module}.{QZEROS}", qzeros)
-                report.quantized.append(module)
-            else:
-                writer.add(info.name, tensor)
-            del tensor
+            if suffix != "weight" or spec is None or not wants_quantization(module, quantize_vision, quantize_lm_head):
+                writer.copy(info)
+                continue
+            k = info.shape[1] if len(info.shape) == 2 else 0
+            if k % spec.pack_factor:
+                report.skipped[module] = f"input width {k} is not a multiple of {spec.pack_factor}"
+                skipped_patterns.append(module)
+                writer.copy(info)
+                continue
+            tensor = read_tensor(info)
+            qweight, scales, qzeros = quantize_fn(tensor, spec, info.name)
+            writer.add(f"{module}.{QWEIGHT}", qweight)
+            writer.add(f"{module}.{SCALES}", scales)
+            if qzeros is not None:
+                writer.add(f"{module}.{QZEROS}", qzeros)
+            report.quantized.append(module)
+            del tensor, qweight, scales, qzeros
         writer.finish()
         report.bytes_out = writer.total_bytes
         if not report.quantized:

@@ -39,7 +39,7 @@ def rtn_grid(wt: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Ten
 
     Zero padding of a partial group cannot change the result: both grids include 0.
     """
-    groups = group_view(wt.to(torch.float32), spec.group_size)
+    groups = group_view(wt.to(torch.float32), spec.group_size)  # one column block at a time
     qmax = (1 << spec.bits) - 1
     if spec.symmetric:
         absmax = groups.abs().amax(dim=1)
@@ -58,10 +58,20 @@ def quantize_rtn(
     """Dense ``weight [N, K]`` -> stored ``(qweight, scales, qzeros)``."""
     if weight.dim() != 2:
         raise FormatError(f"tensor {name!r}: expected a 2-D linear weight, got shape {list(weight.shape)}")
-    wt = weight.t().to(torch.float32)
+    wt = weight.t()
     if not torch.isfinite(wt).all():
         raise FormatError(f"tensor {name!r}: contains NaN or Inf")
     spec.check_shape(wt.shape[0], where=f"tensor {name!r}: ")
+    # Output channels are independent: work on column blocks to bound temporaries.
+    parts = [_quantize_columns(wt[:, i : i + _COLUMNS], spec, name) for i in range(0, wt.shape[1], _COLUMNS)]
+    qweight, scales, zeros = (torch.cat(p, dim=1) if p[0] is not None else None for p in zip(*parts))
+    return qweight, scales, zeros
+
+
+_COLUMNS = 1024
+
+
+def _quantize_columns(wt: torch.Tensor, spec: LayerSpec, name: str):
     scales, zeros = rtn_grid(wt, spec)
     if not torch.isfinite(scales).all():
         raise FormatError(f"tensor {name!r}: weights too large for float16 scales")

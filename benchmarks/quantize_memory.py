@@ -1,0 +1,56 @@
+"""Peak memory of `qvlm quantize --method rtn` against the checkpoint's size.
+
+Writes a random LLaVA-7B-width checkpoint (default about 1.5 GB; fewer decoder layers
+than the real model), runs `qvlm quantize` on it in a child process and reports the
+child's peak RSS (ru_maxrss). Usage:
+
+    uv run python benchmarks/quantize_memory.py [--layers 2] [--scheme w4a16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def measure(layers: int, scheme: str, workdir: Path) -> dict:
+    from qvlm_offline.synthetic import write_random_llava
+
+    src, out = workdir / "src", workdir / "out"
+    size = write_random_llava(src, layers=layers)
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "qvlm_offline.cli", "quantize", str(src), str(out), "--scheme", scheme,
+         "--max-shard-size", "256MB", "--quiet"],
+        check=True,
+    )
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+    out_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return {"scheme": scheme, "decoder_layers": layers, "checkpoint_bytes": size, "output_bytes": out_size,
+            "peak_rss_bytes": peak, "peak_over_checkpoint": peak / size, "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of 4096x11008 (default 2: ~1.5 GB)")
+    ap.add_argument("--scheme", default="w4a16", help="scheme to quantize to (default w4a16)")
+    ap.add_argument("--json", type=Path, help="also write the result as JSON here")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        r = measure(args.layers, args.scheme, Path(d))
+    print(f"checkpoint {r['checkpoint_bytes'] / 2**30:.2f} GiB -> {r['output_bytes'] / 2**30:.2f} GiB, "
+          f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB ({r['peak_over_checkpoint']:.2f}x checkpoint), "
+          f"{r['wall_s']:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -142,13 +142,13 @@ def _hub_name(name: str) -> str:
 
 
 def _init_weights(model, seed: int, text_std: float, vision_std: float, lm_head_std: float,
-                  n_real_tokens: int, row_sigma: float = 0.0) -> None:
+                  n_real_tokens: int, row_sigma: float) -> None:
     """Deterministic random init, independent of transformers' own initializers."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for name, p in sorted(model.named_parameters(), key=lambda kv: (kv[0] == "lm_head.weight", kv[0])):
             is_vision = "vision_tower" in name
             std = vision_std if is_vision else text_std
             leaf = name.rsplit(".", 1)[-1]
@@ -161,16 +161,14 @@ def _init_weights(model, seed: int, text_std: float, vision_std: float, lm_head_
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             elif name == "lm_head.weight":
                 w = lm_head_std * torch.randn(p.shape, generator=gen)
-                if row_sigma:
-                    # heavy-tailed row norms: a few tokens dominate, gaps between top logits grow
-                    w *= torch.exp(row_sigma * torch.randn(p.shape[0], 1, generator=gen))
+                # Log-normal row norms: the logits get a heavy upper tail, so the top-1 logit
+                # usually stands well clear of the top-2 (greedy decoding is not tie-prone).
+                w *= torch.exp(row_sigma * torch.randn(p.shape[0], 1, generator=gen))
                 # Special and reserved tokens: near-zero rows (never the argmax, but not
                 # exactly zero, so per-channel quantizer scales stay well-defined).
                 w[:5] *= 1e-3
                 w[n_real_tokens:] *= 1e-3
                 p.copy_(w)
-            elif "embed_tokens" in name:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=gen))
 
@@ -192,16 +190,21 @@ def build_tiny_llava(
     extra_words=(),
     dtype: str = "bfloat16",
     seed: int = 0,
-    text_std: float = 0.05,
+    text_std: float = 0.1,
     vision_std: float = 0.05,
-    lm_head_std: float = 0.3,
+    lm_head_std: float = 0.06,
+    lm_head_row_sigma: float = 1.0,
 ) -> Path:
     """Build a random-weight LLaVA and write a complete model directory to ``out_dir``.
 
     The defaults make every linear's input and output width a multiple of 32 (the vocabulary
     is padded to a multiple of 32 too).  ``text_intermediate`` may be anything (e.g. 688).
-    ``text_std`` / ``vision_std`` are the weight standard deviations; ``lm_head_std`` sets how
-    peaked the next-token distributions are.  Returns ``Path(out_dir)``.
+    Weights are drawn from ``torch.Generator().manual_seed(seed)``: same arguments, same bytes.
+    ``text_std`` / ``vision_std`` are the weight standard deviations (norms: 1 + 0.1 noise);
+    ``lm_head_std`` scales the logits and ``lm_head_row_sigma`` (log-normal spread of the
+    ``lm_head`` row norms) makes the next-token distributions peaked: with the defaults the
+    median top-1/top-2 logit gap over greedy steps is a few nats.  ``extra_words`` are added
+    to the tokenizer's vocabulary.  Returns ``Path(out_dir)``.
     """
     import torch
     from safetensors.torch import save_file
@@ -269,7 +272,7 @@ def build_tiny_llava(
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    _init_weights(model, seed, text_std, vision_std, lm_head_std, n_real)
+    _init_weights(model, seed, text_std, vision_std, lm_head_std, n_real, lm_head_row_sigma)
 
     torch_dtype = getattr(torch, dtype)
     state = {}
@@ -304,8 +307,14 @@ def build_tiny_llava(
     )
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    # Also the pre-transformers-5 file layout: a standalone preprocessor_config.json and a
+    # tokenizer class name that every transformers version knows.
+    image_processor.save_pretrained(out)
+    tok_cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
-    # save_pretrained has written a config; keep ours authoritative and add a note.
     readme = (
         "Tiny random-weight LLaVA built offline by qvlm_offline.tiny_llava.build_tiny_llava "
         f"(seed={seed}). For tests and demos only: its answers are meaningless.\n"
@@ -379,6 +388,3 @@ def llava_prompt(question: str) -> str:
     ``LLM.generate({"prompt": llava_prompt(q), "multi_modal_data": {"image": img}})``."""
     return f"USER: <image>\n{question} ASSISTANT:"
 
-
-def _json(path: Path):  # small helper for tests / debugging
-    return json.loads(Path(path).read_text())

@@ -149,23 +149,20 @@ class CpuWNA16Backend(Backend):
         # vLLM's layout: codes packed along N, 16 output channels per contiguous block.
         w = pack_int4(codes.t().contiguous()).t()  # [K, N/8], output-packed
         w = w.contiguous().view(k, -1, 2).permute(1, 0, 2).reshape(-1, k * 2).contiguous()
-        zeros = None
+        zeros = None  # symmetric: the kernel's uint4b8 mode subtracts the implicit 8, as for GPTQ
         if qzeros is not None:
             z = regroup(qzeros, spec.group_size, k, gs).to(torch.int32)  # [G', N]
-            zeros = pack_int4(z.t().contiguous()).t().contiguous()  # [G', N/8]
-        else:
-            # Symmetric: fold the implicit zero point 8 into an explicit one, as the
-            # kernel's unsigned-with-zero-point mode computes (u - z) * s.
-            z = torch.full((k // gs, n), spec.implicit_zero, dtype=torch.int32)
-            zeros = pack_int4(z.t().contiguous()).t().contiguous()
-        return Prepared(spec, k, n, {"qweight": w, "scales": s, "qzeros": zeros})
+            zeros = pack_int4(z.t().contiguous()).t().contiguous()  # [G', N/8], output-packed
+        # Same choice as vLLM's own CPU GPTQ/AWQ kernel: AMX tiles for bf16 where present.
+        isa = "amx" if act_dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+        return Prepared(spec, k, n, {"qweight": w, "scales": s, "qzeros": zeros, "isa": isa})
 
     def apply(self, p, x, bias):
         ops = vllm_ops()
         t = p.tensors
         return ops.cpu_gemm_wna16(
             input=x, q_weight=t["qweight"], scales=t["scales"], zeros=t["qzeros"],
-            bias=bias, pack_factor=8, isa_hint="vec",
+            bias=bias, pack_factor=8, isa_hint=p.tensors["isa"],
         )
 
 

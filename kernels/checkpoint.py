@@ -163,6 +163,40 @@ def load_quant_config(model_dir: str | Path) -> QVLMQuantConfig:
     return QVLMQuantConfig.from_dict(qc, source=str(p))
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _find_key(obj, key: str, path: str = "") -> str | None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            here = f"{path}.{k}" if path else k
+            if k == key:
+                return here
+            found = _find_key(v, key, here)
+            if found:
+                return found
+    return None
+
+
+def check_trusted(model_dir: str | Path) -> None:
+    """Refuse what a qvlm checkpoint never needs: remote code, pickles, files outside the directory."""
+    d = Path(model_dir)
+    root = d.resolve()
+    config = read_config(d)
+    for key in ("auto_map", "trust_remote_code"):
+        where = _find_key(config, key)
+        if where:
+            raise FormatError(
+                f"{d / 'config.json'}: '{where}' asks for remote code; qvlm checkpoints never need it"
+            )
+    pickles = sorted(p.name for p in d.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise FormatError(f"{d}: pickle files {pickles} found; qvlm loads safetensors only and never unpickles")
+    for f in weight_files(d):
+        if root not in f.resolve().parents:
+            raise FormatError(f"{f}: weight file resolves outside the model directory ({f.resolve()})")
+
+
 def validate_checkpoint(model_dir: str | Path, cfg: QVLMQuantConfig | None = None) -> dict[str, tuple[int, int]]:
     """Check every quantized module against the format; return ``{module: (K, N)}``."""
     cfg = cfg or load_quant_config(model_dir)

@@ -38,8 +38,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from qvlm_kernels.checkpoint import load_quant_config, validate_checkpoint
+    from qvlm_kernels.checkpoint import check_trusted, load_quant_config, validate_checkpoint
 
+    check_trusted(args.model)
     cfg = load_quant_config(args.model)
     modules = validate_checkpoint(args.model, cfg)
     print(f"{args.model}: valid qvlm checkpoint, scheme {cfg.scheme}, {len(modules)} quantized linear layers")

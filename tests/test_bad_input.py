@@ -110,3 +110,31 @@ def test_missing_quantization_config_with_quantization_flag(tmp_path):
     src, _ = write_fake_llava(tmp_path / "plain")
     with pytest.raises(FormatError, match=r"config.json: no quantization_config; .*qvlm quantize"):
         _plugin_load(src)
+
+
+def test_remote_code_is_refused(ckpt, capsys):
+    p = ckpt / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["text_config"] = {"auto_map": {"AutoModel": "modeling_evil.Model"}}
+    p.write_text(json.dumps(cfg))
+    _expect(ckpt, capsys, str(p), "'text_config.auto_map' asks for remote code")
+
+
+def test_pickle_files_are_refused(ckpt, capsys):
+    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    _expect(ckpt, capsys, "pytorch_model.bin", "never unpickles")
+
+
+def test_index_pointing_outside_the_model_directory_is_refused(ckpt, tmp_path, capsys):
+    outside = tmp_path / "elsewhere.safetensors"
+    (ckpt / "model.safetensors").rename(outside)
+    weight_map = {name: "../elsewhere.safetensors" for name in ["x"]}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _expect(ckpt, capsys, "model.safetensors.index.json", "points outside the model directory")
+
+
+def test_symlinked_shard_outside_the_model_directory_is_refused(ckpt, tmp_path, capsys):
+    outside = tmp_path / "elsewhere.safetensors"
+    (ckpt / "model.safetensors").rename(outside)
+    (ckpt / "model.safetensors").symlink_to(outside)
+    _expect(ckpt, capsys, "resolves outside the model directory")

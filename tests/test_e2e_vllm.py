@@ -171,3 +171,16 @@ def test_quantization_is_really_applied(e2e):
     to_fp = sum(g[0] for g in gaps) / len(gaps)
     to_q = sum(g[1] for g in gaps) / len(gaps)
     assert to_q * 3 < to_fp, (to_q, to_fp)
+
+
+def test_bad_checkpoint_fails_in_vllm_with_the_file_and_tensor_named(e2e, tmp_path):
+    import shutil
+
+    models, _ = e2e
+    bad = tmp_path / "bad"
+    shutil.copytree(models["w4a16"][1], bad)
+    shard = bad / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    with pytest.raises(RuntimeError) as e:
+        run_jobs([{"model": str(bad), "n_prompts": 1, "max_tokens": 1}], tmp_path / "run")
+    assert f"{shard}: truncated: tensor" in str(e.value)

@@ -14,7 +14,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from qvlm_kernels.checkpoint import load_quant_config, validate_checkpoint
+from qvlm_kernels.checkpoint import check_trusted, load_quant_config, validate_checkpoint
 from qvlm_kernels.format import QUANT_METHOD, FormatError, LayerSpec, QVLMQuantConfig
 
 from .linear import QVLMLinearMethod
@@ -55,6 +55,7 @@ class QVLMConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
         """Read and check the checkpoint once, in the process that builds the engine config."""
         self.model_dir = model_name
+        check_trusted(model_name)
         if self.schema is None:
             self.schema = load_quant_config(model_name)
         self.quantized_modules = validate_checkpoint(model_name, self.schema)

@@ -100,3 +100,13 @@ def test_config_quantizing_a_module_the_checkpoint_lacks_is_a_clear_error(vllm_e
     cfg.model_dir = "/models/x"
     with pytest.raises(FormatError, match=r"m\.mlp\.down_proj\.qweight"):
         RowParallelLinear(128, 64, bias=False, params_dtype=torch.bfloat16, quant_config=cfg, prefix="m.mlp.down_proj")
+
+
+def test_row_parallel_shard_off_the_group_grid_is_a_clear_error(vllm_env):
+    from qvlm_kernels.format import FormatError
+    from vllm_qvlm.linear import QVLMLinearMethod
+
+    spec = QVLMQuantConfig(scheme="w4a16", group_size=128).layer_spec("m")
+    method = QVLMLinearMethod(spec, "m.mlp.down_proj")
+    with pytest.raises(FormatError, match=r"352 of its 704 input rows .* --group-size that divides 352 \(e\.g\. 32\)"):
+        method.create_weights(torch.nn.Module(), 352, [64], 704, 64, torch.bfloat16, weight_loader=lambda *a: None)

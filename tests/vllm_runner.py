@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 
-def run_jobs(jobs: list[dict], workdir: Path, timeout: int = 900) -> list[dict]:
+def run_jobs(jobs: list[dict], workdir: Path, timeout: int = 900, env: dict | None = None) -> list[dict]:
     """``jobs``: dicts with ``model`` and optional ``quantization``, ``n_prompts``, ``max_tokens``,
     ``logprobs``, ``tensor_parallel_size``, ``dtype``."""
     workdir.mkdir(parents=True, exist_ok=True)
     jobs_file, out_file = workdir / "jobs.json", workdir / "results.json"
     jobs_file.write_text(json.dumps(jobs))
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1")
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.pop("TRITON_INTERPRET", None)

@@ -9,6 +9,8 @@ shards them (K along rows for row-parallel layers, N for column-parallel);
 
 from __future__ import annotations
 
+import math
+
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
@@ -47,9 +49,10 @@ class QVLMLinearMethod(LinearMethodBase):
         spec.check_shape(k, where=f"{self.prefix}: ")
         if input_size != k and spec.group_size != -1 and k % spec.group_size:
             raise FormatError(
-                f"{self.prefix}: tensor-parallel shard of {k} input rows does not start on a "
-                f"{spec.group_size}-row group boundary; use a tensor_parallel_size that divides "
-                f"{input_size // spec.group_size} groups"
+                f"{self.prefix}: row-parallel shards of {k} of its {input_size} input rows do not start "
+                f"on {spec.group_size}-row group boundaries; quantize with a --group-size that divides "
+                f"{k} (e.g. {math.gcd(k, spec.group_size)}) or use a tensor_parallel_size that keeps "
+                f"shards group-aligned"
             )
         loader = extra_weight_attrs["weight_loader"]
         groups = num_groups(k, spec.group_size)

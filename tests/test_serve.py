@@ -331,7 +331,9 @@ def test_concurrent_load_with_malformed_inputs(server, capsys):
               f"in {wall:.1f} s: good ok {counts['good ok']}/{n_good}, bad 4xx {counts['bad 4xx']}/{n_bad}, "
               f"other {counts['other']}; /health after: {healthy}")
         print("\n".join(sorted(lines)))
-    assert not problems, "\n".join(problems)
+    errors = [ln for ln in server.log.read_text(errors="replace").splitlines()
+              if " ERROR " in ln or ln.startswith("ERROR:") or "Error:" in ln][-60:]
+    assert not problems, "\n".join(problems + ["server log ERROR lines:", *errors])
     assert counts == {"good ok": n_good, "bad 4xx": n_bad, "other": 0}
     assert healthy == 200
     assert final and final.strip()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qvlm_kernels.format import SCHEMES
 
+from .calibration import add_calibration_args
 from .evaluate import add_eval_parser
 
 
@@ -22,12 +23,23 @@ def _offline_env() -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .export import export_checkpoint, quantizable_modules
 
+    quantize_fn = None
+    if args.method == "gptq":
+        from .calibration import load_calibration
+        from .capture import collect_hessians
+        from .gptq import make_gptq_quantize_fn
+
+        samples = load_calibration(args.calib, args.num_samples, args.seed)
+        modules = quantizable_modules(args.src, args.quantize_vision, args.quantize_lm_head)
+        hessians = collect_hessians(args.src, samples, modules, progress=not args.quiet)
+        quantize_fn = make_gptq_quantize_fn(hessians)
     report = export_checkpoint(
         args.src, args.out, scheme=args.scheme, group_size=args.group_size, symmetric=args.symmetric,
         quantize_vision=args.quantize_vision, quantize_lm_head=args.quantize_lm_head, method=args.method,
-        max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet,
+        quantize_fn=quantize_fn, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     ratio = report.bytes_in / max(report.bytes_out, 1)
     print(
@@ -74,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src", type=Path, help="source model directory (safetensors, llava-hf layout)")
     q.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="weight/activation precision")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="rounding method (default: rtn)")
+    q.add_argument(
+        "--method", default="rtn", choices=["rtn", "gptq"],
+        help="rounding: rtn (round to nearest, no data) or gptq (Hessian error compensation on "
+        "--calib samples; holds the float model in memory) (default: rtn)",
+    )
     q.add_argument(
         "--group-size", type=int, default=None,
         help="rows of K sharing one scale; -1 = one scale per output channel "
@@ -86,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quantize-vision", action="store_true", help="also quantize the CLIP tower and the projector")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (off by default)")
+    add_calibration_args(q)
     q.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 512MB (default: 2GB)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -94,6 +94,16 @@ def wants_quantization(module: str, quantize_vision: bool, quantize_lm_head: boo
     return quantize_lm_head and LM_HEAD.match(module) is not None
 
 
+def quantizable_modules(src: str | Path, quantize_vision: bool, quantize_lm_head: bool) -> list[str]:
+    """Modules whose ``.weight`` the export will quantize (for calibration hooks)."""
+    return [
+        info.name.rpartition(".")[0]
+        for info in tensor_table(src).values()
+        if info.name.endswith(".weight") and len(info.shape) == 2
+        and wants_quantization(info.name.rpartition(".")[0], quantize_vision, quantize_lm_head)
+    ]
+
+
 class _ShardWriter:
     """Writes each tensor to disk as soon as it is added; memory holds no shard.
 

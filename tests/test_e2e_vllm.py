@@ -27,6 +27,7 @@ import torch
 
 from qvlm_kernels import reference
 from qvlm_kernels.checkpoint import load_quant_config, read_tensor, tensor_table, validate_checkpoint
+from qvlm_offline.capture import transformers_module_name
 from qvlm_offline.export import export_checkpoint
 from qvlm_offline.tiny_llava import build_tiny_llava, llava_prompt, tiny_prompts
 from vllm_runner import run_jobs
@@ -72,14 +73,6 @@ def e2e(tmp_path_factory):
     return models, dict(zip(jobs, results))
 
 
-def _hf_name(hub: str) -> str:
-    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
-                     ("vision_tower.vision_model.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
-        if hub.startswith(old):
-            return new + hub[len(old):]
-    return hub
-
-
 def dequantized_reference(src, qdir):
     """transformers float32 model with every quantized linear replaced by its stored codes' math."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -92,7 +85,7 @@ def dequantized_reference(src, qdir):
         qz = table.get(f"{m}.qzeros")
         w = reference.dequantize(read_tensor(table[f"{m}.qweight"]), read_tensor(table[f"{m}.scales"]),
                                  None if qz is None else read_tensor(qz), spec)
-        lin = modules[_hf_name(m)]
+        lin = modules[transformers_module_name(m)]
         lin.weight.data = w.t().contiguous()
         if spec.act_mode != "none":
             lin.register_forward_pre_hook(lambda _, a, b=spec.act_bits: (reference.fake_quantize_per_token(a[0], b),))

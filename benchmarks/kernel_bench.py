@@ -1,0 +1,157 @@
+"""CPU linear-layer microbenchmark: bf16 F.linear vs the dequantized fallback vs qvlm's CPU kernels.
+
+For LLaVA-7B's language-model shapes (K x N) and token counts M (1 and 8: decode, 588:
+an image prompt's prefill) it prints the median time of
+
+* ``bf16``: dense bf16 ``F.linear`` (what vLLM-CPU runs for unquantized layers here),
+* ``dequantized``: qvlm's fallback backend (a dequantized bf16 weight, fake-quant activations),
+* ``qvlm_cpu_*``: qvlm's AVX2 kernels (kernels/csrc/qvlm_cpu.cpp),
+* vLLM's own CPU ops (``cpu_gemm_wna16``, oneDNN int8) where this build/processor has them,
+
+with the GB/s of weight bytes each reads (packed weights + scales) and the speedup over
+bf16. Also measures the machine's read bandwidth (``a.sum()`` over 512 MiB) and copy
+bandwidth, the ceiling for decode (M=1) where every weight byte is read once.
+
+    .venv/bin/python benchmarks/kernel_bench.py [--threads 2] [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qvlm_kernels import cpu_ext
+from qvlm_kernels.backends import (
+    CpuInt8Backend,
+    CpuWNA16Backend,
+    DequantizedBackend,
+    QvlmCpuW4A8Backend,
+    QvlmCpuW4A16Backend,
+    QvlmCpuW8A8Backend,
+)
+from qvlm_kernels.format import QVLMQuantConfig
+
+SHAPES = [(4096, 4096, "q/k/v/o_proj"), (4096, 11008, "gate/up_proj"), (11008, 4096, "down_proj"),
+          (4096, 32000, "lm_head")]
+TOKENS = [1, 8, 588]
+
+
+def _time(fn, min_reps: int, budget_s: float) -> float:
+    """Median seconds per call: one warmup, then at least ``min_reps`` calls or ``budget_s``."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bandwidth() -> dict[str, float]:
+    a = torch.ones(128 << 20, dtype=torch.float32)  # 512 MiB
+    b = torch.empty_like(a)
+    read = a.numel() * 4 / _time(lambda: a.sum(), 5, 2.0) / 1e9
+    copy = 2 * a.numel() * 4 / _time(lambda: b.copy_(a), 5, 2.0) / 1e9
+    return {"read_sum_GBps": read, "copy_rw_GBps": copy}
+
+
+def _random_layer(k: int, n: int, spec, gen: torch.Generator):
+    """Random stored tensors (uniform codes, small scales); no RTN needed for timing."""
+    groups = 1 if spec.group_size == -1 else -(-k // spec.group_size)
+    codes_max = 1 << spec.bits
+    if spec.bits == 4:
+        qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=gen)
+    else:
+        qweight = torch.randint(0, codes_max, (k, n), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 1e-3).to(torch.float16)
+    qzeros = None if spec.symmetric else torch.randint(0, codes_max, (groups, n), dtype=torch.uint8, generator=gen)
+    return qweight, scales, qzeros
+
+
+def _weight_bytes(p, k, n) -> int:
+    """Bytes a backend's prepared weights occupy (what one pass over the layer reads)."""
+    return sum(v.numel() * v.element_size() for v in p.tensors.values() if isinstance(v, torch.Tensor))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    ap.add_argument("--quick", action="store_true", help="first shape only, fewer repetitions")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--budget", type=float, default=1.5, help="seconds of repetitions per measurement")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if not cpu_ext.available():
+        print(f"qvlm CPU kernels unavailable: {cpu_ext.unavailable_reason()}", file=sys.stderr)
+    bw = bandwidth()
+    print(f"threads={args.threads}  read bandwidth (a.sum, 512 MiB) {bw['read_sum_GBps']:.1f} GB/s, "
+          f"copy {bw['copy_rw_GBps']:.1f} GB/s (read+write)")
+
+    specs = {
+        "w4a16": QVLMQuantConfig(scheme="w4a16", group_size=args.group_size).layer_spec("m"),
+        "w4a8": QVLMQuantConfig(scheme="w4a8", group_size=args.group_size).layer_spec("m"),
+        "w8a8": QVLMQuantConfig(scheme="w8a8", group_size=-1).layer_spec("m"),
+    }
+    candidates = [("w4a16", DequantizedBackend), ("w4a16", QvlmCpuW4A16Backend), ("w4a16", CpuWNA16Backend),
+                  ("w4a8", DequantizedBackend), ("w4a8", QvlmCpuW4A8Backend),
+                  ("w8a8", DequantizedBackend), ("w8a8", QvlmCpuW8A8Backend), ("w8a8", CpuInt8Backend)]
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    budget = 0.5 if args.quick else args.budget
+    hdr = f"{'layer':>14} {'K x N':>12} {'M':>4} {'backend':>22} {'ms':>9} {'GB/s':>6} {'x bf16':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for k, n, label in shapes:
+        w_bf16 = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
+        layers = {}
+        for scheme, cls in candidates:
+            spec = specs[scheme]
+            if cls is not DequantizedBackend and not cls.supports(spec, k, n, dtype):
+                continue
+            if scheme not in layers:
+                layers[scheme] = _random_layer(k, n, spec, gen)
+            qweight, scales, qzeros = layers[scheme]
+            be = cls()
+            layers[(scheme, cls.name)] = (be, be.prepare(qweight, scales, qzeros, spec, dtype))
+        for m in args.tokens:
+            if m > 64 and label == "lm_head":
+                continue  # vLLM computes logits for the last token of a prompt only
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            reps = 3 if m > 64 else 10
+            t_bf16 = _time(lambda: F.linear(x, w_bf16), reps, budget)
+            results = [("bf16 F.linear", t_bf16, 2 * k * n)]
+            for key, val in layers.items():
+                if not isinstance(key, tuple):
+                    continue
+                be, p = val
+                t = _time(lambda: be.apply(p, x, None), reps, budget)
+                results.append((f"{key[0]} {key[1]}", t, _weight_bytes(p, k, n)))
+            for name, t, nbytes in results:
+                row = {"layer": label, "K": k, "N": n, "M": m, "backend": name, "ms": t * 1e3,
+                       "weight_GBps": nbytes / t / 1e9, "speedup_vs_bf16": t_bf16 / t, "threads": args.threads}
+                rows.append(row)
+                print(f"{label:>14} {f'{k}x{n}':>12} {m:>4} {name:>22} {t * 1e3:9.3f} {row['weight_GBps']:6.1f} "
+                      f"{row['speedup_vs_bf16']:6.2f}x")
+            sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bandwidth": bw, "threads": args.threads, "dtype": str(dtype),
+                       "group_size": args.group_size, "results": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

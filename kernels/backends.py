@@ -214,6 +214,13 @@ def _qvlm_cpu_available() -> bool:
     return cpu_ext.available()
 
 
+def _require_qvlm_cpu() -> None:
+    """Build/load the library before the first apply (also when a backend is forced)."""
+    from . import cpu_ext
+
+    cpu_ext.ops()
+
+
 def _pad_cols(t: torch.Tensor, n_pad: int) -> torch.Tensor:
     """Zero-pad the last (output) dim; padded columns have scale 0 and are never stored."""
     return t if t.shape[-1] == n_pad else F.pad(t, (0, n_pad - t.shape[-1]))
@@ -255,6 +262,7 @@ class QvlmCpuW4A16Backend(Backend):
         )
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        _require_qvlm_cpu()
         k, n = _shape(qweight, spec)
         n_pad = -(-n // _SUPERTILE) * _SUPERTILE
         t = {
@@ -265,10 +273,9 @@ class QvlmCpuW4A16Backend(Backend):
         return Prepared(spec, k, n, t)
 
     def apply(self, p, x, bias):
-        from . import cpu_ext
-
+        # The library is loaded (supports() built it); no lookups on the hot path.
         t = p.tensors
-        y = cpu_ext.ops().w4a16_linear(_flat2d(x), t["w"], t["s"], t["z"], bias, p.out_features,
+        y = torch.ops.qvlm_cpu.w4a16_linear(_flat2d(x), t["w"], t["s"], t["z"], bias, p.out_features,
                                        p.spec.group_size, self.gemm_min_rows)
         return y.reshape(*x.shape[:-1], p.out_features)
 
@@ -280,10 +287,8 @@ class QvlmCpuW4A8Backend(QvlmCpuW4A16Backend):
     act_mode = "int8_dynamic"
 
     def apply(self, p, x, bias):
-        from . import cpu_ext
-
         t = p.tensors
-        y = cpu_ext.ops().w4a8_linear(_flat2d(x), t["w"], t["s"], t["z"], bias, p.out_features, p.spec.group_size)
+        y = torch.ops.qvlm_cpu.w4a8_linear(_flat2d(x), t["w"], t["s"], t["z"], bias, p.out_features, p.spec.group_size)
         return y.reshape(*x.shape[:-1], p.out_features)
 
 
@@ -305,6 +310,7 @@ class QvlmCpuW8A8Backend(Backend):
         )
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        _require_qvlm_cpu()
         k, n = _shape(qweight, spec)
         n_pad = -(-n // _SUPERTILE) * _SUPERTILE
         k_pad = k + (k % 2)
@@ -317,8 +323,6 @@ class QvlmCpuW8A8Backend(Backend):
         return Prepared(spec, k, n, {"w": w, "w_scale": w_scale})
 
     def apply(self, p, x, bias):
-        from . import cpu_ext
-
         t = p.tensors
-        y = cpu_ext.ops().w8a8_linear(_flat2d(x), t["w"], t["w_scale"], bias, p.out_features)
+        y = torch.ops.qvlm_cpu.w8a8_linear(_flat2d(x), t["w"], t["w_scale"], bias, p.out_features)
         return y.reshape(*x.shape[:-1], p.out_features)

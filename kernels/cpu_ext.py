@@ -62,6 +62,23 @@ def _build() -> None:
     )
 
 
+def _register_fakes() -> None:
+    """Shape-only implementations, so torch.compile can trace through the ops."""
+    lib = "qvlm_cpu::"
+    fakes = {
+        "w4a16_linear": lambda x, w, s, z, bias, n, group_size, gemm_min_rows: x.new_empty(x.shape[0], n),
+        "w4a8_linear": lambda x, w, s, z, bias, n, group_size: x.new_empty(x.shape[0], n),
+        "w8a8_linear": lambda x, w, w_scale, bias, n: x.new_empty(x.shape[0], n),
+        "quant_per_token": lambda x: (x.new_empty(x.shape, dtype=torch.int8),
+                                      x.new_empty(x.shape[0], 1, dtype=torch.float32)),
+    }
+    for name, fn in fakes.items():
+        try:
+            torch.library.register_fake(lib + name)(fn)
+        except RuntimeError:  # already registered in this process
+            pass
+
+
 def _load() -> str | None:
     """Build/load once per process; returns the reason it is unusable, or None."""
     if os.environ.get("QVLM_CPU_KERNELS", "1") == "0":
@@ -77,6 +94,7 @@ def _load() -> str | None:
         if not hasattr(torch.ops.qvlm_cpu, "w4a16_linear"):
             _build()
         torch.ops.qvlm_cpu.w4a16_linear  # noqa: B018 - raises if the library did not register
+        _register_fakes()
     except Exception as e:  # compiler missing, build error, load error
         return f"building the qvlm CPU kernels failed: {type(e).__name__}: {str(e).strip()[:2000]}"
     return None

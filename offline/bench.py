@@ -348,10 +348,11 @@ def _measure(job: dict) -> dict:
 _CHILD_TASKS = {"prepare": _prepare, "bandwidth": _bandwidth, "measure": _measure}
 
 
-def _child_main(argv: list[str]) -> int:
+def child_main(argv: list[str], tasks: dict | None = None) -> int:
+    """Entry of a child process: ``TASK JOB_JSON OUT_JSON`` (shared with ``qvlm compare``)."""
     task, job_file, out_file = argv
     job = json.loads(Path(job_file).read_text())
-    result = _CHILD_TASKS[task](job)
+    result = (tasks or _CHILD_TASKS)[task](job)
     Path(out_file).write_text(json.dumps(result))
     # Skip interpreter teardown: vLLM's in-process engine can hang or crash in atexit handlers
     # after the result is safely on disk.
@@ -368,18 +369,19 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def _run_child(task: str, job: dict, workdir: Path, name: str, threads: int, timeout: int) -> dict:
+def _run_child(task: str, job: dict, workdir: Path, name: str, threads: int, timeout: int,
+               module: str = "qvlm_offline.bench") -> dict:
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     job_file, out_file, log_file = logs / f"{name}.job.json", logs / f"{name}.result.json", logs / f"{name}.log"
     job_file.write_text(json.dumps(job))
     out_file.unlink(missing_ok=True)
     with open(log_file, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "qvlm_offline.bench", "_child", task, str(job_file), str(out_file)],
+        proc = subprocess.run([sys.executable, "-m", module, "_child", task, str(job_file), str(out_file)],
                               env=child_env(threads), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0 or not out_file.exists():
         tail = log_file.read_text(errors="replace")[-4000:]
-        raise RuntimeError(f"bench child {name!r} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+        raise RuntimeError(f"child {name!r} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
     result = json.loads(out_file.read_text())
     result["log"] = str(log_file)
     return result
@@ -676,5 +678,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        sys.exit(_child_main(sys.argv[2:]))
+        sys.exit(child_main(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))

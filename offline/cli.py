@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from qvlm_kernels.format import SCHEMES
 
 from .bench_cli import add_bench_parser
 from .calibration import add_calibration_args
+from .compare import add_compare_parser
 from .evaluate import add_eval_parser
 from .smol_llava import add_build_model_parser
 
@@ -24,11 +26,46 @@ def _offline_env() -> None:
         os.environ.setdefault(k, v)
 
 
+def _run_qvlm_search(args: argparse.Namespace):
+    """Calibration -> Q-VLM search; a quantize_fn serving its results, replaced norms, the report."""
+    from transformers import AutoProcessor
+
+    from .calibration import build_model_inputs, load_calibration
+    from .export import build_quant_config
+    from .qvlm import SearchConfig, qvlm_search
+    from .rtn import quantize_rtn
+
+    samples = load_calibration(args.calib, args.num_samples, args.seed)
+    inputs = build_model_inputs(samples, AutoProcessor.from_pretrained(args.src))
+    qcfg = build_quant_config(args.scheme, args.group_size, args.symmetric, args.quantize_vision,
+                              args.quantize_lm_head, producer={})
+    cfg = SearchConfig(
+        max_block_layers=args.max_block_layers, iters=args.iters, batch_samples=args.batch_samples,
+        lr_round=args.lr, kl_weight=args.kl_weight, init=args.init, smooth=args.smooth,
+        entropy_weighting=args.entropy_weighting, seed=args.seed, optimize_vision=args.optimize_vision,
+        vision_iters=args.vision_iters,
+        threshold=float("-inf") if args.partition == "fixed" else None,
+    )
+    result = qvlm_search(args.src, inputs, qcfg.layer_spec, cfg, progress=not args.quiet)
+
+    def quantize_fn(weight, spec, name):
+        module = name.removesuffix(".weight")
+        if module in result.tensors:
+            return result.tensors[module]
+        # vision tower / projector / lm_head when asked for (the projector as the visual stage left it)
+        return quantize_rtn(result.replaced.get(name, weight), spec, name)
+
+    return quantize_fn, result.replaced, result.report
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .export import export_checkpoint, quantizable_modules
 
-    quantize_fn = None
-    if args.method == "gptq":
+    t_start = time.perf_counter()
+    quantize_fn, replace, search_report = None, None, None
+    if args.method == "qvlm":
+        quantize_fn, replace, search_report = _run_qvlm_search(args)
+    elif args.method == "gptq":
         from .calibration import load_calibration
         from .capture import collect_hessians
         from .gptq import make_gptq_quantize_fn
@@ -40,9 +77,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = export_checkpoint(
         args.src, args.out, scheme=args.scheme, group_size=args.group_size, symmetric=args.symmetric,
         quantize_vision=args.quantize_vision, quantize_lm_head=args.quantize_lm_head, method=args.method,
-        quantize_fn=quantize_fn, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-        progress=not args.quiet,
+        quantize_fn=quantize_fn, replace_tensors=replace, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, progress=not args.quiet,
     )
+    if args.report is not None:
+        from .report import peak_rss_gib, write_report
+
+        rep = search_report or {"method": args.method}
+        rep.update({"scheme": args.scheme, "peak_rss_gib": peak_rss_gib(),
+                    "seconds_total": time.perf_counter() - t_start, "num_quantized": len(report.quantized)})
+        for f in write_report(rep, args.report):
+            print(f"report: {f}")
     ratio = report.bytes_in / max(report.bytes_out, 1)
     print(
         f"wrote {report.out_dir}: {len(report.quantized)} linear layers quantized to {args.scheme}, "
@@ -75,6 +120,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, scheme=args.scheme, quantize_vision=args.quantize_vision, n_prompts=args.prompts)
 
 
+def add_search_args(q: argparse.ArgumentParser) -> None:
+    g = q.add_argument_group("qvlm search (--method qvlm)")
+    g.add_argument("--max-block-layers", type=int, default=2,
+                   help="most decoder layers searched jointly in one block: bounds search cost (default: 2)")
+    g.add_argument("--partition", choices=["entropy", "fixed"], default="entropy",
+                   help="entropy: join layers whose input entropy is above the median (the Q-VLM rule); "
+                   "fixed: blocks of exactly --max-block-layers (ablation) (default: entropy)")
+    g.add_argument("--iters", type=int, default=150,
+                   help="optimisation steps per block; 0 = sequential GPTQ only (default: 150)")
+    g.add_argument("--batch-samples", type=int, default=4, help="calibration samples per step (default: 4)")
+    g.add_argument("--lr", type=float, default=5e-2, help="Adam learning rate of the rounding logits (default: 0.05)")
+    g.add_argument("--kl-weight", type=float, default=1.0,
+                   help="weight of the next-token KL term in the last block's loss (default: 1.0)")
+    g.add_argument("--init", choices=["gptq", "rtn"], default="gptq",
+                   help="starting rounding of each block (default: gptq on the quantized inputs)")
+    g.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
+                   help="fold per-channel activation smoothing into norms/weights "
+                   "(default: on for schemes with integer activations)")
+    g.add_argument("--entropy-weighting", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight each layer's output error in a block by its activation entropy (default: on)")
+    g.add_argument("--optimize-vision", action=argparse.BooleanOptionalAction, default=False,
+                   help="visual stage after the search: tune the projector so the quantized language model "
+                   "reproduces the float model's next-token distributions (holds the whole quantized language "
+                   "model in memory) (default: off)")
+    g.add_argument("--vision-iters", type=int, default=40, help="steps of the visual stage (default: 40)")
+    g.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="write DIR/report.json (entropy, dependency, partition, per-block errors, time, "
+                   "peak RSS) and PNG plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvlm", description="Q-VLM quantization of LLaVA models for vLLM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="weight/activation precision")
     q.add_argument(
-        "--method", default="rtn", choices=["rtn", "gptq"],
-        help="rounding: rtn (round to nearest, no data) or gptq (Hessian error compensation on "
-        "--calib samples; holds the float model in memory) (default: rtn)",
+        "--method", default="rtn", choices=["rtn", "gptq", "qvlm"],
+        help="rounding: rtn (round to nearest, no data), gptq (Hessian error compensation on "
+        "--calib samples; holds the float model in memory) or qvlm (the Q-VLM search: entropy-guided "
+        "blocks of decoder layers, block-wise rounding/scale search from a GPTQ start, one block in "
+        "memory at a time) (default: rtn)",
     )
     q.add_argument(
         "--group-size", type=int, default=None,
@@ -105,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-vision", action="store_true", help="also quantize the CLIP tower and the projector")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (off by default)")
     add_calibration_args(q)
+    add_search_args(q)
     q.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 512MB (default: 2GB)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -125,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_bench_parser(sub)
+    add_compare_parser(sub)
     add_build_model_parser(sub)
 
     d = sub.add_parser(

@@ -228,11 +228,17 @@ def export_checkpoint(
     quantize_lm_head: bool = False,
     method: str = "rtn",
     quantize_fn: QuantizeFn | None = None,
+    replace_tensors: dict[str, torch.Tensor] | None = None,
     max_shard_size: str | int = "2GB",
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExportReport:
-    """Write a qvlm checkpoint of ``src`` to ``out`` (atomically)."""
+    """Write a qvlm checkpoint of ``src`` to ``out`` (atomically).
+
+    ``replace_tensors`` maps source tensor names to new float values written in their
+    place (same shape, cast to the stored dtype): how a search ships the norm weights it
+    folded smoothing factors into.
+    """
     src, out = Path(src), Path(out)
     get_scheme(scheme)
     config = read_config(src)
@@ -265,7 +271,14 @@ def export_checkpoint(
             module, _, suffix = info.name.rpartition(".")
             spec = qcfg.layer_spec(module)
             if suffix != "weight" or spec is None or not wants_quantization(module, quantize_vision, quantize_lm_head):
-                writer.copy(info)
+                if replace_tensors and info.name in replace_tensors:
+                    new = replace_tensors[info.name]
+                    if tuple(new.shape) != tuple(info.shape):
+                        raise ValueError(f"replacement for {info.name!r} has shape {list(new.shape)}, "
+                                         f"the source has {list(info.shape)}")
+                    writer.add(info.name, new.to(SAFETENSORS_DTYPES[info.dtype]).contiguous())
+                else:
+                    writer.copy(info)
                 continue
             k = info.shape[1] if len(info.shape) == 2 else 0
             if k % spec.pack_factor:

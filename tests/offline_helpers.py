@@ -1,4 +1,5 @@
-"""Test helpers: random stored tensors for one layer, via the real writer's RTN."""
+"""Test helpers: random stored tensors for one layer (via the real writer's RTN), and the
+float32 transformers model that runs exactly what a qvlm checkpoint stores."""
 
 import torch
 
@@ -54,3 +55,33 @@ def write_fake_llava(
     (d / "tokenizer.json").write_text("{}")
     (d / "chat_template.jinja").write_text("{{ messages }}")
     return d, t
+
+
+def dequantized_llava(src, qdir):
+    """transformers float32 LLaVA running what ``qdir`` stores: every quantized linear carries its
+    dequantized codes (int-activation schemes also fake-quantize its input per token), and every
+    float tensor comes from ``qdir`` too (searches may rewrite norms)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from qvlm_kernels import reference
+    from qvlm_kernels.checkpoint import load_quant_config, read_tensor, tensor_table, validate_checkpoint
+    from qvlm_offline.capture import transformers_module_name
+
+    model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+    cfg, table = load_quant_config(qdir), tensor_table(qdir)
+    params = dict(model.named_parameters())
+    for name, info in table.items():
+        p = params.get(transformers_module_name(name))
+        if p is not None:
+            p.data = read_tensor(info).to(torch.float32)
+    modules = dict(model.named_modules())
+    for m in validate_checkpoint(qdir, cfg):
+        spec = cfg.layer_spec(m)
+        qz = table.get(f"{m}.qzeros")
+        w = reference.dequantize(read_tensor(table[f"{m}.qweight"]), read_tensor(table[f"{m}.scales"]),
+                                 None if qz is None else read_tensor(qz), spec)
+        lin = modules[transformers_module_name(m)]
+        lin.weight.data = w.t().contiguous()
+        if spec.act_mode != "none":
+            lin.register_forward_pre_hook(lambda _, a, b=spec.act_bits: (reference.fake_quantize_per_token(a[0], b),))
+    return model

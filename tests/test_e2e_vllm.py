@@ -25,9 +25,8 @@ import math
 import pytest
 import torch
 
-from qvlm_kernels import reference
-from qvlm_kernels.checkpoint import load_quant_config, read_tensor, tensor_table, validate_checkpoint
-from qvlm_offline.capture import transformers_module_name
+from offline_helpers import dequantized_llava
+from qvlm_kernels.checkpoint import load_quant_config
 from qvlm_offline.export import export_checkpoint
 from qvlm_offline.tiny_llava import build_tiny_llava, llava_prompt, tiny_prompts
 from vllm_runner import run_jobs
@@ -47,7 +46,19 @@ CASES = {
     "w8a8": dict(scheme="w8a8"),
     "w8a8-vision": dict(scheme="w8a8", quantize_vision=True),
     "w4a16-688": dict(scheme="w4a16", group_size=128),  # intermediate 688: partial last group
+    # Q-VLM search: smoothing folded into the norms (replaced float tensors), searched rounding/scales
+    "w4a8-qvlm": dict(scheme="w4a8", method="qvlm"),
 }
+
+
+def _export(src, out, scheme, method="rtn", **kw):
+    if method == "rtn":
+        export_checkpoint(src, out, scheme=scheme, progress=False, **kw)
+        return
+    from qvlm_offline.cli import main
+
+    assert main(["quantize", str(src), str(out), "--scheme", scheme, "--method", method, "--quiet",
+                 "--num-samples", "4", "--iters", "5"]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +69,7 @@ def e2e(tmp_path_factory):
     models = {}
     for name, kw in CASES.items():
         s = src688 if name.endswith("688") else src
-        export_checkpoint(s, root / name, progress=False, **kw)
+        _export(s, root / name, **kw)
         models[name] = (s, root / name)
     common = {"n_prompts": N_PROMPTS, "max_tokens": N_TOKENS}
     jobs = {}
@@ -74,22 +85,9 @@ def e2e(tmp_path_factory):
 
 
 def dequantized_reference(src, qdir):
-    """transformers float32 model with every quantized linear replaced by its stored codes' math."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
-    model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
-    cfg, table = load_quant_config(qdir), tensor_table(qdir)
-    modules = dict(model.named_modules())
-    for m in validate_checkpoint(qdir, cfg):
-        spec = cfg.layer_spec(m)
-        qz = table.get(f"{m}.qzeros")
-        w = reference.dequantize(read_tensor(table[f"{m}.qweight"]), read_tensor(table[f"{m}.scales"]),
-                                 None if qz is None else read_tensor(qz), spec)
-        lin = modules[transformers_module_name(m)]
-        lin.weight.data = w.t().contiguous()
-        if spec.act_mode != "none":
-            lin.register_forward_pre_hook(lambda _, a, b=spec.act_bits: (reference.fake_quantize_per_token(a[0], b),))
-    return model, AutoProcessor.from_pretrained(src)
+    return dequantized_llava(src, qdir), AutoProcessor.from_pretrained(src)
 
 
 def teacher_forced_logprobs(model, processor, image, question, tokens):

@@ -1,0 +1,170 @@
+"""``qvlm compare``: how far quantized models are from their float model, measured in vLLM.
+
+For easy-VQA **test** questions (image + question, the model's chat template), the float
+model answers greedily first. Then every model — the float one included, each in its own
+vLLM process with ``quantization="qvlm"`` auto-detected from config.json — is asked for
+the next-token distribution at each position of that float answer (teacher forcing:
+prompt + the first j answer tokens, j = 0 .. answer_tokens - 1). Reported per model:
+
+* **KL** = mean over positions of KL(P_fp || P_q). vLLM returns top-k log-probabilities,
+  not full distributions, so both are coarsened to the float model's top ``k_fp`` tokens
+  plus one "rest" bucket (a lower bound of the full KL, by the data-processing
+  inequality; exact when the rest carries no mass). The quantized model's log-probability
+  of each of those tokens comes from its top ``k_q`` list (``k_q`` >> ``k_fp``); a token
+  missing there gets the smallest log-probability the list holds (an upper bound).
+* **top-1 agreement**: argmax of P_q equals argmax of P_fp, over the same positions.
+* **accuracy**: the model's own greedy answer, scored against the easy-VQA reference
+  (:mod:`qvlm_offline.vqa_data`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .bench import _run_child
+
+
+def _messages(question: str) -> list[dict]:
+    from .vqa_data import vqa_question
+
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vqa_question(question)}]}]
+
+
+def _measure(job: dict) -> dict:
+    """Child: one model in vLLM; greedy answers, and top-k log-probs at the given token prompts."""
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    from .vqa_data import load_test_examples
+
+    examples = load_test_examples(job["questions"], offset=job["offset"])
+    processor = AutoProcessor.from_pretrained(job["model"])
+    llm = LLM(model=job["model"], dtype=job["dtype"], enforce_eager=True, max_model_len=job["max_model_len"],
+              seed=0, limit_mm_per_prompt={"image": 1}, distributed_executor_backend="uni",
+              max_logprobs=job["k"], max_num_seqs=16)
+    images = [ex.image() for ex in examples]
+    prompts = [{"prompt": processor.apply_chat_template(_messages(ex.question), add_generation_prompt=True),
+                "multi_modal_data": {"image": img}} for ex, img in zip(examples, images)]
+    t0 = time.perf_counter()
+    gen = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=job["answer_tokens"]), use_tqdm=False)
+    answers = [{"text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids),
+                "prompt_token_ids": list(o.prompt_token_ids)} for o in gen]
+    dists = None
+    if job.get("positions"):  # [(question index, token ids)] from the float model's answers
+        reqs = [{"prompt_token_ids": ids, "multi_modal_data": {"image": images[i]}} for i, ids in job["positions"]]
+        outs = llm.generate(reqs, SamplingParams(temperature=0.0, max_tokens=1, logprobs=job["k"]), use_tqdm=False)
+        dists = [{str(t): lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in outs]
+    return {"answers": answers, "dists": dists, "seconds": time.perf_counter() - t0,
+            "reference": [ex.answer for ex in examples]}
+
+
+def _kl_coarse(p: dict[str, float], q: dict[str, float], k_fp: int) -> float:
+    top = sorted(p.items(), key=lambda kv: -kv[1])[:k_fp]
+    floor = min(q.values())
+    kl, pm, qm = 0.0, 0.0, 0.0
+    for t, lp in top:
+        lq = q.get(t, floor)
+        pi, qi = math.exp(lp), math.exp(lq)
+        kl += pi * (lp - lq)
+        pm += pi
+        qm += qi
+    rest_p, rest_q = max(1.0 - pm, 0.0), max(1.0 - qm, 1e-12)
+    if rest_p > 0:
+        kl += rest_p * math.log(rest_p / rest_q)
+    return max(kl, 0.0)
+
+
+def summarize(fp: dict, q: dict, k_fp: int) -> dict:
+    from .vqa_data import is_correct
+
+    kls, agree = [], []
+    for p, d in zip(fp["dists"], q["dists"]):
+        kls.append(_kl_coarse(p, d, k_fp))
+        agree.append(max(p, key=p.get) == max(d, key=d.get))
+    correct = [is_correct(a["text"], ref) for a, ref in zip(q["answers"], q["reference"])]
+    return {"kl": sum(kls) / len(kls), "top1_agreement": sum(agree) / len(agree),
+            "accuracy": sum(correct) / len(correct), "positions": len(kls), "questions": len(correct)}
+
+
+def run_compare(fp_model: Path, models: list[Path], *, questions: int = 200, offset: int = 0, answer_tokens: int = 4,
+                k_fp: int = 20, k_q: int = 100, dtype: str = "float32", workdir: Path = Path("qvlm-compare"),
+                threads: int | None = None, max_model_len: int = 1024, timeout: int = 3600, say=print) -> dict:
+    import os
+
+    threads = threads or len(os.sched_getaffinity(0))
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = {"questions": questions, "offset": offset, "answer_tokens": answer_tokens, "dtype": dtype,
+            "max_model_len": max_model_len}
+    say(f"[compare] float model {fp_model}: greedy answers")
+    first = _run_child("measure", {**base, "model": str(fp_model), "k": k_q}, workdir, "fp-answers", threads, timeout,
+                       module="qvlm_offline.compare")
+    positions = []
+    for i, a in enumerate(first["answers"]):
+        for j in range(min(answer_tokens, len(a["token_ids"]))):
+            positions.append((i, a["prompt_token_ids"] + a["token_ids"][:j]))
+    jobs = {"fp": fp_model, **{str(m): m for m in models}}
+    runs = {}
+    for name, m in jobs.items():
+        say(f"[compare] {m}: {len(positions)} next-token distributions")
+        tag = "fp" if name == "fp" else Path(name).name
+        runs[name] = _run_child("measure", {**base, "model": str(m), "k": k_q, "positions": positions}, workdir,
+                                tag, threads, timeout, module="qvlm_offline.compare")
+    fp = runs.pop("fp")
+    fp_acc = summarize(fp, fp, k_fp)["accuracy"]
+    results = {name: summarize(fp, r, k_fp) | {"seconds": r["seconds"]} for name, r in runs.items()}
+    return {"float_model": str(fp_model), "float_accuracy": fp_acc, "settings": base | {"k_fp": k_fp, "k_q": k_q},
+            "models": results}
+
+
+def format_table(res: dict) -> str:
+    lines = [f"float model {res['float_model']}: easy-VQA accuracy {100 * res['float_accuracy']:.1f}%",
+             "| model | KL(fp‖q) | top-1 agreement | accuracy |", "|---|---|---|---|"]
+    for name, r in res["models"].items():
+        lines.append(f"| {name} | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% | {100 * r['accuracy']:.1f}% |")
+    return "\n".join(lines)
+
+
+def add_compare_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "compare", help="KL / top-1 agreement / easy-VQA accuracy of quantized models vs their float model, in vLLM",
+        description="Runs the float model and each quantized model in vLLM (own process each) on easy-VQA test "
+        "questions with images and reports the next-token KL divergence to the float model (teacher-forced along "
+        "the float model's greedy answer), top-1 agreement and answer accuracy.",
+    )
+    p.add_argument("float_model", type=Path, help="the unquantized model directory")
+    p.add_argument("models", type=Path, nargs="+", help="quantized model directories (qvlm checkpoints)")
+    p.add_argument("--questions", type=int, default=200, help="easy-VQA test questions (default: 200)")
+    p.add_argument("--offset", type=int, default=0, help="first test question (default: 0)")
+    p.add_argument("--answer-tokens", type=int, default=4,
+                   help="positions per question: the first N tokens of the float model's answer (default: 4)")
+    p.add_argument("--k-fp", type=int, default=20, help="float model's top tokens kept in the KL (default: 20)")
+    p.add_argument("--k-q", type=int, default=100, help="top log-probs asked of each model (default: 100)")
+    p.add_argument("--dtype", default="float32", help="vLLM dtype for every model (default: float32)")
+    p.add_argument("--workdir", type=Path, default=Path("qvlm-compare"), help="logs go here (default: ./qvlm-compare)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per vLLM process (default: all CPUs)")
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_compare)
+    return p
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    res = run_compare(args.float_model, args.models, questions=args.questions, offset=args.offset,
+                      answer_tokens=args.answer_tokens, k_fp=args.k_fp, k_q=args.k_q, dtype=args.dtype,
+                      workdir=args.workdir, threads=args.threads, say=lambda m: print(m, file=sys.stderr))
+    print(format_table(res))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+_CHILD_TASKS = {"measure": _measure}
+
+if __name__ == "__main__":
+    from .bench import child_main
+
+    sys.exit(child_main(sys.argv[2:], _CHILD_TASKS))

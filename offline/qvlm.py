@@ -1,0 +1,632 @@
+"""The Q-VLM search: entropy-guided blocks of decoder layers, each block's rounding searched jointly.
+
+Pipeline (one call of :func:`qvlm_search`; see ``shared/DESIGN.md`` "The method"):
+
+1. **Profile.** Calibration samples go through the float model once, layer by layer
+   (:class:`~qvlm_offline.sequential.StreamingLlava`). For every decoder layer the
+   entropy of its quantized input (the normalised residual stream that q/k/v read) and
+   the dependency ``D(k, k+1)`` between consecutive layers' inputs are measured
+   (:mod:`qvlm_offline.entropy`; the residual basis makes channel pairing meaningful).
+2. **Partition.** :func:`~qvlm_offline.partition.partition_blocks` groups consecutive
+   layers whose entropy (the paper's proxy for dependency) is high, at most
+   ``max_block_layers`` per block.
+3. **Search, block by block.** Inputs come from the already-quantized previous blocks
+   (``X_q``), targets from the float model (``Y_fp``). Per block:
+   a. *Smoothing* (schemes with int activations): per-channel factors migrate
+      activation outliers into the weights, chosen from a small grid of migration
+      strengths by block error, folded into the RMSNorm weights / ``up_proj`` rows.
+   b. *GPTQ initialisation* on Hessians of ``X_q`` through the block.
+   c. *Joint optimisation* of all linears of the block: learnable rounding offsets
+      (rectified sigmoid, AdaRound-style, started at GPTQ's decisions) and per-group
+      scale multipliers, minimising the entropy-weighted relative error of every
+      layer output in the block against the float model, plus the KL divergence of
+      next-token distributions for the last block (the auto-regressive term).
+      Activations are fake-quantized per token exactly as the kernels do (with a
+      straight-through gradient).
+   d. *Hardening and a guard.* Offsets are rounded; the block error on the calibration
+      set is compared with the GPTQ start and the better of the two is kept (recorded).
+4. The quantized block runs on ``X_q`` to give the next block's inputs.
+
+Output: the stored tensors of every decoder linear (``qweight``, float16 ``scales``,
+``qzeros``) plus float tensors that changed (smoothed norms), ready for
+:func:`qvlm_offline.export.export_checkpoint`, and a JSON-able report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from qvlm_kernels.format import LayerSpec
+from qvlm_kernels.pack import pack_codes, unpack_codes
+from qvlm_kernels.reference import fake_quantize_per_token
+
+from .entropy import DependencyMeter, EntropyMeter, entropy_dependency_correlation, measurement_bits
+from .gptq import HessianAccumulator, quantize_gptq
+from .partition import default_threshold, describe_partition, partition_blocks
+from .rtn import quantize_rtn, to_float16_at_least
+from .sequential import LAYER_PREFIX, LayerInputs, StreamingLlava, run_layer
+
+_ZETA, _GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
+SMOOTH_ALPHAS = (0.0, 0.25, 0.5, 0.75)
+
+
+@dataclass
+class SearchConfig:
+    max_block_layers: int = 2
+    threshold: float | None = None  # None: lower median of the entropy profile
+    iters: int = 150
+    batch_samples: int = 4
+    lr_round: float = 5e-2
+    lr_scale: float = 1e-3
+    eval_every: int = 25
+    kl_weight: float = 1.0
+    init: str = "gptq"  # or "rtn"
+    smooth: bool | None = None  # None: on for schemes with int activations
+    entropy_weighting: bool = True
+    optimize_vision: bool = False
+    vision_iters: int = 40
+    vision_lr: float = 1e-4
+    seed: int = 0
+
+
+@dataclass
+class SearchResult:
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # hub module -> stored
+    replaced: dict[str, torch.Tensor]  # hub tensor name -> new float tensor (smoothed norms)
+    report: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- quantized linear
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _fake_act(x: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """Per-token symmetric fake-quant as the kernels do; straight-through gradient."""
+    if bits is None:
+        return x
+    return x + (fake_quantize_per_token(x.detach(), bits) - x.detach())
+
+
+def _group_index(k: int, group_size: int) -> torch.Tensor:
+    return torch.zeros(k, dtype=torch.long) if group_size == -1 else torch.arange(k) // group_size
+
+
+class SearchLinear(nn.Module):
+    """A linear layer on the qvlm grid with learnable rounding offsets and scale multipliers.
+
+    Codes are ``base + h`` with ``h`` in [0, 1] (soft: rectified sigmoid of ``V``; hard:
+    ``V >= 0``), clamped to the grid; weight = (code - zero) * scale. ``base`` is fixed
+    at construction from a starting solution (GPTQ or RTN codes), so the hard start
+    reproduces that solution exactly.
+    """
+
+    def __init__(self, linear: nn.Linear, spec: LayerSpec, qweight, scales, qzeros, act_bits: int | None):
+        super().__init__()
+        w = linear.weight.detach().to(torch.float32)
+        n, k = w.shape
+        self.spec, self.act_bits = spec, act_bits
+        self.register_buffer("weight_fp", w)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.float32)
+        self.register_buffer("gidx", _group_index(k, spec.group_size))
+        self.register_buffer("s0", scales.to(torch.float32))  # [G, N]
+        z = torch.full_like(self.s0, float(spec.implicit_zero)) if qzeros is None else qzeros.to(torch.float32)
+        self.register_buffer("z", z)
+        self.qmax = float((1 << spec.bits) - 1)
+        codes = unpack_codes(qweight, spec.bits).to(torch.float32).t()  # [N, K]
+        # base so that the start code is base + r with r in {0, 1}, r = 1 where w/s lies below it
+        ratio = w / self.s0[self.gidx].t() + self.z[self.gidx].t()
+        r = (ratio < codes).to(torch.float32)
+        self.register_buffer("base", codes - r)
+        h0 = 0.25 + 0.5 * r  # soft start leaning to the start's decision
+        self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (h0 - _GAMMA) - 1))
+        self.log_mult = nn.Parameter(torch.zeros_like(self.s0))
+        self.hard = True
+
+    def h(self) -> torch.Tensor:
+        hard = (self.v >= 0).to(torch.float32)
+        if self.hard:
+            return hard
+        # Train on the hard rounding (the loss is the real quantized error) with the
+        # rectified sigmoid's gradient: a few hundred steps cannot close AdaRound's
+        # soft-to-hard gap, a straight-through estimate has none.
+        soft = torch.clamp(torch.sigmoid(self.v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+        return soft + (hard - soft).detach()
+
+    def scales(self) -> torch.Tensor:
+        s = self.s0 * torch.exp(self.log_mult)
+        if self.hard:  # exactly what is stored
+            s = to_float16_at_least(s.detach()).to(torch.float32)
+        return s
+
+    def codes(self) -> torch.Tensor:
+        return torch.clamp(self.base + self.h(), 0, self.qmax)
+
+    def weight(self) -> torch.Tensor:
+        s = self.scales()[self.gidx].t()
+        return (self.codes() - self.z[self.gidx].t()) * s
+
+    def forward(self, x):
+        return F.linear(_fake_act(x, self.act_bits), self.weight(), self.bias)
+
+    @torch.no_grad()
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        was = self.hard
+        self.hard = True
+        scales = to_float16_at_least(self.s0 * torch.exp(self.log_mult))
+        codes = self.codes().t().contiguous().to(torch.uint8)  # [K, N]
+        self.hard = was
+        zeros = None if self.spec.symmetric else self.z.to(torch.uint8)
+        return pack_codes(codes, self.spec.bits), scales, zeros
+
+
+class ActQuantLinear(nn.Module):
+    """A float linear whose input is fake-quantized per token (for Hessians and smoothing trials)."""
+
+    def __init__(self, linear: nn.Linear, act_bits: int | None):
+        super().__init__()
+        self.linear, self.act_bits = linear, act_bits
+
+    def forward(self, x):
+        return self.linear(_fake_act(x, self.act_bits))
+
+
+# ----------------------------------------------------------------------------- module plumbing
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _rel_err(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (y - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
+
+
+def _kl(logits_q: torch.Tensor, logits_fp: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(P_fp || P_q) of next-token distributions."""
+    lp = F.log_softmax(logits_fp.float(), -1)
+    lq = F.log_softmax(logits_q.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+
+class _Block:
+    """The decoder layers of one block, run on samples, with per-layer outputs."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+
+    def outputs(self, x: LayerInputs, hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
+        h = x.hidden if hidden is None else hidden
+        outs = []
+        for layer in self.layers:
+            h = run_layer(layer, x, h)
+            outs.append(h)
+        return outs
+
+    def linears(self):
+        for i, layer in enumerate(self.layers):
+            for name in LINEARS:
+                yield i, name, layer
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def _profile(model: StreamingLlava, xs: list[LayerInputs], bits: int, progress: bool):
+    """Float pass: per-layer input entropy and D(k, k+1) on the normalised residual stream."""
+    ent, dep = [], []
+    prev_codes = None
+    hidden = [x.hidden for x in xs]
+    for i in tqdm(range(model.num_layers), desc="profile", unit="layer", disable=not progress):
+        layer = model.load_layer(i)
+        em = EntropyMeter(bits)
+        dm = DependencyMeter(bits)
+        cur = []
+        with torch.no_grad():
+            for j, x in enumerate(xs):
+                normed = layer.input_layernorm(hidden[j])
+                em.update(normed)
+                cur.append(normed)
+                if prev_codes is not None:
+                    dm.update(prev_codes[j], normed)
+                hidden[j] = run_layer(layer, x, hidden[j])
+        ent.append(em.entropy())
+        if prev_codes is not None:
+            dep.append(dm.conditional_entropy())
+        prev_codes = cur
+        del layer
+    return ent, dep, hidden
+
+
+def _smooth_factors(xmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).clamp(min=1e-5)
+    s = xmax.clamp(min=1e-5).pow(alpha) / wmax.pow(1 - alpha)
+    return s.clamp(min=1e-4, max=1e4)
+
+
+@torch.no_grad()
+def _apply_smoothing(layer: nn.Module, stats: dict[str, torch.Tensor], alpha: float) -> None:
+    """Fold per-channel factors s (activations / s, weights * s) into norms and up_proj rows."""
+    if alpha == 0.0:
+        return
+    a, m = layer.self_attn, layer.mlp
+    groups = [
+        ("qkv", layer.input_layernorm, None, [a.q_proj, a.k_proj, a.v_proj]),
+        ("gate_up", layer.post_attention_layernorm, None, [m.gate_proj, m.up_proj]),
+        ("down", None, m.up_proj, [m.down_proj]),
+    ]
+    for key, norm, producer, consumers in groups:
+        s = _smooth_factors(stats[key], [c.weight for c in consumers], alpha)
+        if norm is not None:
+            norm.weight.div_(s)
+        else:
+            producer.weight.div_(s.unsqueeze(1))
+        for c in consumers:
+            c.weight.mul_(s.unsqueeze(0))
+
+
+@torch.no_grad()
+def _input_absmax(layer: nn.Module, xs: list[LayerInputs], hidden: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    stats: dict[str, torch.Tensor] = {}
+    watch = {"qkv": layer.self_attn.q_proj, "gate_up": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
+    hooks = []
+    for key, mod in watch.items():
+        def hook(_m, args, key=key):
+            v = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
+            stats[key] = v if key not in stats else torch.maximum(stats[key], v)
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        for x, h in zip(xs, hidden):
+            run_layer(layer, x, h)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return stats
+
+
+def _quantize_layer_rtn(layer: nn.Module, specs: dict[str, LayerSpec], act_bits) -> None:
+    for name in LINEARS:
+        lin = _get(layer, name)
+        q = quantize_rtn(lin.weight.detach(), specs[name], name)
+        _set(layer, name, SearchLinear(lin, specs[name], *q, act_bits))
+
+
+def _block_error(block: _Block, xs, hidden_q, targets) -> float:
+    """Mean relative squared error of the block's output over the samples."""
+    with torch.no_grad():
+        errs = [float(_rel_err(block.outputs(x, h)[-1], t[-1])) for x, h, t in zip(xs, hidden_q, targets)]
+    return sum(errs) / max(len(errs), 1)
+
+
+def _sample_loss(block: _Block, x, h, target, weights, head, kl_weight) -> torch.Tensor:
+    """The search objective on one sample: entropy-weighted layer errors (+ KL for the last block)."""
+    outs = block.outputs(x, h)
+    loss = sum(w * _rel_err(y, t) for w, y, t in zip(weights, outs, target))
+    if head is not None and kl_weight:
+        with torch.no_grad():
+            lfp = head(target[-1])
+        loss = loss + kl_weight * _kl(head(outs[-1]), lfp)
+    return loss
+
+
+def _objective(block: _Block, xs, hidden_q, targets, weights, head, kl_weight) -> float:
+    with torch.no_grad():
+        vals = [float(_sample_loss(block, x, h, t, weights, head, kl_weight)) for x, h, t in zip(xs, hidden_q, targets)]
+    return sum(vals) / max(len(vals), 1)
+
+
+def _choose_smoothing(layer_fp: nn.Module, specs, act_bits, xs, hidden_q, targets) -> float:
+    """Best migration strength for one decoder layer, by its output error with RTN weights."""
+    stats = _input_absmax(layer_fp, xs, hidden_q)
+    best, best_err = 0.0, math.inf
+    for alpha in SMOOTH_ALPHAS:
+        trial = _clone_layer(layer_fp)
+        _apply_smoothing(trial, stats, alpha)
+        _quantize_layer_rtn(trial, specs, act_bits)
+        err = _block_error(_Block([trial]), xs, hidden_q, [[t] for t in targets])
+        if err < best_err:
+            best, best_err = alpha, err
+    _apply_smoothing(layer_fp, stats, best)
+    return best
+
+
+def _clone_layer(layer: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(layer)
+
+
+def _gptq_init(block: _Block, specs, act_bits, xs, hidden_q) -> dict:
+    """Hessians of the block's linear inputs (X_q through the float block) -> GPTQ solutions."""
+    accs: dict[tuple[int, str], HessianAccumulator] = {}
+    hooks = []
+    for i, name, layer in block.linears():
+        lin = _get(layer, name)
+        acc = HessianAccumulator(lin.in_features)
+        accs[(i, name)] = acc
+        hooks.append(lin.register_forward_pre_hook(
+            lambda _m, args, acc=acc: acc.update(fake_quantize_per_token(args[0], act_bits) if act_bits else args[0])))
+    try:
+        with torch.no_grad():
+            for x, h in zip(xs, hidden_q):
+                block.outputs(x, h)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    out = {}
+    for (i, name), acc in accs.items():
+        lin = _get(block.layers[i], name)
+        out[(i, name)] = quantize_gptq(lin.weight.detach(), specs[name], acc.hessian(), name=name)
+    return out
+
+
+def _layer_weights(ent: list[float], start: int, end: int, on: bool) -> list[float]:
+    if not on:
+        return [1.0 / (end - start)] * (end - start)
+    e = [max(ent[i], 1e-6) for i in range(start, end)]
+    return [v / sum(e) for v in e]
+
+
+def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, weights, cfg: SearchConfig,
+              head: Callable | None, gen: torch.Generator) -> tuple[list[float], float, int]:
+    """Adam on rounding logits and scale multipliers; returns (losses, best objective, its step).
+
+    The hard objective on all calibration samples is checked every ``cfg.eval_every``
+    steps (and at the start); the best state seen is restored, so the result is never
+    worse than the start on the calibration set.
+    """
+    opt = torch.optim.Adam([{"params": [s.v for s in slins], "lr": cfg.lr_round},
+                            {"params": [s.log_mult for s in slins], "lr": cfg.lr_scale}])
+    snapshot = lambda: [(s.v.detach().clone(), s.log_mult.detach().clone()) for s in slins]  # noqa: E731
+    evaluate = lambda: _objective(block, xs, hidden_q, targets, weights, head, cfg.kl_weight)  # noqa: E731
+    best_err, best_step, best = evaluate(), 0, snapshot()
+    losses = []
+    n = len(xs)
+    for it in range(1, cfg.iters + 1):
+        for s in slins:
+            s.hard = False
+        idx = torch.randperm(n, generator=gen)[: cfg.batch_samples].tolist()
+        loss = sum(_sample_loss(block, xs[j], hidden_q[j], targets[j], weights, head, cfg.kl_weight)
+                   for j in idx) / len(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        for s in slins:
+            s.hard = True
+        if it % cfg.eval_every == 0 or it == cfg.iters:
+            err = evaluate()
+            if err < best_err:
+                best_err, best_step, best = err, it, snapshot()
+    with torch.no_grad():
+        for s, (v, lm) in zip(slins, best):
+            s.v.copy_(v)
+            s.log_mult.copy_(lm)
+    return losses, best_err, best_step
+
+
+def _frozen_layer(layer: nn.Module, act_bits: int | None) -> nn.Module:
+    """A searched decoder layer with its linears as plain float layers holding the stored math."""
+    for name in LINEARS:
+        sl = _get(layer, name)
+        lin = nn.Linear(sl.weight_fp.shape[1], sl.weight_fp.shape[0], bias=sl.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(sl.weight())
+            if sl.bias is not None:
+                lin.bias.copy_(sl.bias)
+        _set(layer, name, ActQuantLinear(lin, act_bits))
+    return layer.requires_grad_(False)
+
+
+def _text_positions(inputs: dict, image_token_id: int) -> torch.Tensor:
+    return inputs["input_ids"][0] != image_token_id
+
+
+def _optimize_vision(model: StreamingLlava, qlayers: list[nn.Module], model_inputs: list[dict],
+                     hidden_fp: list[torch.Tensor], cfg: SearchConfig, gen: torch.Generator, progress: bool) -> dict:
+    """Visual stage: tune the projector so the *quantized* language model reproduces the float model.
+
+    The block-wise search ignores how the error of one block propagates through the next
+    (the cross-block dependency); visual tokens carry most of the calibration tokens, and
+    the projector decides where they sit in the residual stream. Minimising the next-token
+    KL of the whole quantized model to the float model w.r.t. the projector (a first-order
+    treatment of that dependency) moves visual tokens to where the quantized blocks
+    reproduce the float model, while the KL keeps the float model's outputs. The best
+    state on the calibration set (including the start) is kept. Needs the whole quantized
+    language model in memory (dequantized float32 weights).
+    """
+    lm = model.model.model.language_model
+    saved_layers, saved_n = lm.layers, lm.config.num_hidden_layers
+    lm.layers, lm.config.num_hidden_layers = nn.ModuleList(qlayers), len(qlayers)
+    proj = model.model.model.multi_modal_projector
+    image_token = model.config.image_token_id
+    targets = [F.log_softmax(model.head(h).float(), -1)[0] for h in hidden_fp]
+    masks = [_text_positions(inp, image_token) for inp in model_inputs]
+
+    def kl(j: int) -> torch.Tensor:
+        inp = {k: (v.to(torch.float32) if k == "pixel_values" else v) for k, v in model_inputs[j].items()}
+        logits = model.model(**inp, use_cache=False).logits[0]
+        lq = F.log_softmax(logits.float(), -1)
+        lp = targets[j]
+        m = masks[j]
+        return (lp[m].exp() * (lp[m] - lq[m])).sum(-1).mean()
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return sum(float(kl(j)) for j in range(len(model_inputs))) / len(model_inputs)
+
+    try:
+        t0 = time.perf_counter()
+        proj.requires_grad_(True)
+        start_state = {k: v.detach().clone() for k, v in proj.state_dict().items()}
+        best_kl = kl_start = evaluate()
+        best_state, best_step = start_state, 0
+        opt = torch.optim.Adam(proj.parameters(), lr=cfg.vision_lr)
+        n = len(model_inputs)
+        for it in tqdm(range(1, cfg.vision_iters + 1), desc="vision", unit="step", disable=not progress):
+            idx = torch.randperm(n, generator=gen)[: cfg.batch_samples].tolist()
+            loss = sum(kl(j) for j in idx) / len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it % cfg.eval_every == 0 or it == cfg.vision_iters:
+                val = evaluate()
+                if val < best_kl:
+                    best_kl, best_step = val, it
+                    best_state = {k: v.detach().clone() for k, v in proj.state_dict().items()}
+        proj.load_state_dict(best_state)
+        proj.requires_grad_(False)
+        return {"kl_start": kl_start, "kl_final": best_kl, "best_step": best_step, "iters": cfg.vision_iters,
+                "seconds": time.perf_counter() - t0}
+    finally:
+        lm.layers, lm.config.num_hidden_layers = saved_layers, saved_n
+
+
+def _head_fn(model: StreamingLlava):
+    for p in model.model.parameters():
+        p.requires_grad_(False)
+    return model.head
+
+
+def qvlm_search(
+    model_dir,
+    model_inputs: list[dict],
+    spec_for: Callable[[str], LayerSpec | None],
+    cfg: SearchConfig | None = None,
+    *,
+    progress: bool = True,
+) -> SearchResult:
+    """Run the Q-VLM search on the language model of ``model_dir`` (llava-hf layout).
+
+    ``model_inputs``: processor outputs per calibration sample
+    (:func:`qvlm_offline.calibration.build_model_inputs`). ``spec_for(hub module name)``
+    gives each decoder linear's storage spec (the export's quantization config).
+    """
+    cfg = cfg or SearchConfig()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+    model = StreamingLlava(model_dir)
+    head = _head_fn(model)
+    xs = model.first_layer_inputs(model_inputs, progress=progress)
+
+    names = [f"{LAYER_PREFIX}{i}" for i in range(model.num_layers)]
+    specs_all = []
+    for prefix in names:
+        specs = {n: spec_for(f"{prefix}.{n}") for n in LINEARS}
+        if any(s is None for s in specs.values()):
+            raise ValueError(f"{prefix}: the qvlm search quantizes whole decoder layers; some linears are ignored")
+        specs_all.append(specs)
+    act_bits = specs_all[0]["self_attn.q_proj"].act_bits
+    smooth = cfg.smooth if cfg.smooth is not None else act_bits is not None
+
+    t0 = time.perf_counter()
+    bits = measurement_bits(act_bits)
+    ent, dep, _ = _profile(model, xs, bits, progress)
+    profile_s = time.perf_counter() - t0
+    threshold = cfg.threshold if cfg.threshold is not None else default_threshold(ent)
+    blocks = partition_blocks(ent, cfg.max_block_layers, threshold)
+
+    tensors, replaced, block_reports, kept_layers = {}, {}, [], []
+    hidden_fp = [x.hidden for x in xs]
+    hidden_q = [x.hidden for x in xs]
+    bar = tqdm(blocks, desc="search", unit="block", disable=not progress)
+    for b, (start, end) in enumerate(bar):
+        tb = time.perf_counter()
+        layers_fp = [model.load_layer(i) for i in range(start, end)]
+        for layer in layers_fp:
+            layer.requires_grad_(False)
+        with torch.no_grad():
+            targets = [_Block(layers_fp).outputs(x, h) for x, h in zip(xs, hidden_fp)]
+        alphas = []
+        if smooth:  # layer by layer on the quantized path's inputs
+            h_in = hidden_q
+            for li, layer in enumerate(layers_fp):
+                t_layer = [t[li] for t in targets]
+                alphas.append(_choose_smoothing(layer, specs_all[start + li], act_bits, xs, h_in, t_layer))
+                with torch.no_grad():
+                    h_in = [run_layer(layer, x, h) for x, h in zip(xs, h_in)]
+        specs = {(i, n): specs_all[start + i][n] for i in range(end - start) for n in LINEARS}
+
+        # RTN reference and the GPTQ start
+        rtn_layers = [_clone_layer(layer) for layer in layers_fp]
+        for i, layer in enumerate(rtn_layers):
+            _quantize_layer_rtn(layer, specs_all[start + i], act_bits)
+        err_rtn = _block_error(_Block(rtn_layers), xs, hidden_q, targets)
+        del rtn_layers
+        fp_block = _Block(layers_fp)
+        starts = (_gptq_init(fp_block, {n: s for (i, n), s in specs.items()}, act_bits, xs, hidden_q)
+                  if cfg.init == "gptq" else
+                  {(i, n): quantize_rtn(_get(layer, n).weight.detach(), specs[(i, n)], n)
+                   for i, layer in enumerate(layers_fp) for n in LINEARS})
+        qlayers = [_clone_layer(layer) for layer in layers_fp]
+        slins = []
+        for (i, name), q in starts.items():
+            sl = SearchLinear(_get(qlayers[i], name), specs[(i, name)], *q, act_bits)
+            _set(qlayers[i], name, sl)
+            slins.append(sl)
+        qblock = _Block(qlayers)
+        err_init = _block_error(qblock, xs, hidden_q, targets)
+        weights = _layer_weights(ent, start, end, cfg.entropy_weighting)
+        is_last = end == model.num_layers
+        losses, obj, best_step = [], None, 0
+        if cfg.iters > 0:
+            losses, obj, best_step = _optimize(qblock, slins, xs, hidden_q, targets, weights, cfg,
+                                               head if is_last else None, gen)
+        err_final = _block_error(qblock, xs, hidden_q, targets)
+
+        with torch.no_grad():
+            hidden_q = [qblock.outputs(x, h)[-1] for x, h in zip(xs, hidden_q)]
+            hidden_fp = [t[-1] for t in targets]
+        for (i, name), sl in zip(starts, slins):
+            tensors[f"{names[start + i]}.{name}"] = sl.stored()
+        if smooth:
+            for i, layer in enumerate(layers_fp):
+                for norm in ("input_layernorm", "post_attention_layernorm"):
+                    replaced[f"{names[start + i]}.{norm}.weight"] = _get(layer, norm).weight.detach().clone()
+        block_reports.append({
+            "block": b, "start": start, "end": end, "layer_weights": weights, "smoothing_alpha": alphas,
+            "error_rtn": err_rtn, f"error_{cfg.init}": err_init, "error_final": err_final, "objective_final": obj,
+            "best_step": best_step, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "seconds": time.perf_counter() - tb,
+        })
+        bar.set_postfix(rtn=f"{err_rtn:.3g}", init=f"{err_init:.3g}", final=f"{err_final:.3g}")
+        if cfg.optimize_vision:
+            kept_layers.extend(_frozen_layer(layer, act_bits) for layer in qlayers)
+        del layers_fp, qlayers, qblock, slins, targets
+
+    vision_report = None
+    if cfg.optimize_vision:
+        vision_report = _optimize_vision(model, kept_layers, model_inputs, hidden_fp, cfg, gen, progress)
+        proj = model.model.model.multi_modal_projector
+        for name, p in proj.named_parameters():
+            replaced[f"multi_modal_projector.{name}"] = p.detach().clone()
+
+    report = {
+        "method": "qvlm", "config": cfg.__dict__ | {"threshold": threshold}, "num_samples": len(xs),
+        "tokens": sum(x.tokens for x in xs), "measurement_bits": bits,
+        "layers": [{"index": i, "name": names[i], "entropy": ent[i],
+                    "dependency_next": dep[i] if i < len(dep) else None} for i in range(len(names))],
+        "correlation": entropy_dependency_correlation(ent[:-1], dep) if len(dep) > 1 else None,
+        "partition": describe_partition(blocks, names), "blocks": block_reports,
+        "profile_seconds": profile_s, "vision": vision_report, "seconds": time.perf_counter() - t_start,
+    }
+    return SearchResult(tensors, replaced, report)

@@ -43,23 +43,36 @@ SHAPES = [(4096, 4096, "q/k/v/o_proj"), (4096, 11008, "gate/up_proj"), (11008, 4
 TOKENS = [1, 8, 588]
 
 
-def _time(fn, min_reps: int, budget_s: float) -> float:
-    """Median seconds per call: one warmup, then at least ``min_reps`` calls or ``budget_s``."""
-    fn()
+# Weights of one measurement are spread over copies totalling at least this many bytes, and
+# calls cycle through them: a 4096x4096 int4 layer (8 MiB) would otherwise be served from
+# the 32 MiB L3 cache, unlike a real model's layers, which stream from memory.
+_ROTATE_BYTES = 96 << 20
+
+
+def _time(fns, min_reps: int, budget_s: float) -> float:
+    """Median seconds per call over calls cycling through ``fns``: at least ``min_reps``, up to ``budget_s``."""
+    fns = list(fns)
+    for f in fns[:2]:
+        f()
     times = []
     start = time.perf_counter()
     while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
+        f = fns[len(times) % len(fns)]
         t0 = time.perf_counter()
-        fn()
+        f()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, -(-_ROTATE_BYTES // max(nbytes, 1)))
 
 
 def bandwidth() -> dict[str, float]:
     a = torch.ones(128 << 20, dtype=torch.float32)  # 512 MiB
     b = torch.empty_like(a)
-    read = a.numel() * 4 / _time(lambda: a.sum(), 5, 2.0) / 1e9
-    copy = 2 * a.numel() * 4 / _time(lambda: b.copy_(a), 5, 2.0) / 1e9
+    read = a.numel() * 4 / _time([lambda: a.sum()], 5, 2.0) / 1e9
+    copy = 2 * a.numel() * 4 / _time([lambda: b.copy_(a)], 5, 2.0) / 1e9
     return {"read_sum_GBps": read, "copy_rw_GBps": copy}
 
 
@@ -76,7 +89,7 @@ def _random_layer(k: int, n: int, spec, gen: torch.Generator):
     return qweight, scales, qzeros
 
 
-def _weight_bytes(p, k, n) -> int:
+def _weight_bytes(p) -> int:
     """Bytes a backend's prepared weights occupy (what one pass over the layer reads)."""
     return sum(v.numel() * v.element_size() for v in p.tensors.values() if isinstance(v, torch.Tensor))
 
@@ -115,7 +128,7 @@ def main(argv=None) -> int:
     print(hdr)
     print("-" * len(hdr))
     for k, n, label in shapes:
-        w_bf16 = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
+        w_bf16 = [(torch.randn(n, k, generator=gen) * 0.02).to(dtype) for _ in range(_copies(2 * k * n))]
         layers = {}
         for scheme, cls in candidates:
             spec = specs[scheme]
@@ -125,20 +138,22 @@ def main(argv=None) -> int:
                 layers[scheme] = _random_layer(k, n, spec, gen)
             qweight, scales, qzeros = layers[scheme]
             be = cls()
-            layers[(scheme, cls.name)] = (be, be.prepare(qweight, scales, qzeros, spec, dtype))
+            first = be.prepare(qweight, scales, qzeros, spec, dtype)
+            rest = [be.prepare(qweight, scales, qzeros, spec, dtype) for _ in range(_copies(_weight_bytes(first)) - 1)]
+            layers[(scheme, cls.name)] = (be, [first, *rest])
         for m in args.tokens:
             if m > 64 and label == "lm_head":
                 continue  # vLLM computes logits for the last token of a prompt only
             x = torch.randn(m, k, generator=gen).to(dtype)
             reps = 3 if m > 64 else 10
-            t_bf16 = _time(lambda: F.linear(x, w_bf16), reps, budget)
+            t_bf16 = _time([lambda w=w: F.linear(x, w) for w in w_bf16], reps, budget)
             results = [("bf16 F.linear", t_bf16, 2 * k * n)]
             for key, val in layers.items():
                 if not isinstance(key, tuple):
                     continue
-                be, p = val
-                t = _time(lambda: be.apply(p, x, None), reps, budget)
-                results.append((f"{key[0]} {key[1]}", t, _weight_bytes(p, k, n)))
+                be, ps = val
+                t = _time([lambda p=p: be.apply(p, x, None) for p in ps], reps, budget)
+                results.append((f"{key[0]} {key[1]}", t, _weight_bytes(ps[0])))
             for name, t, nbytes in results:
                 row = {"layer": label, "K": k, "N": n, "M": m, "backend": name, "ms": t * 1e3,
                        "weight_GBps": nbytes / t / 1e9, "speedup_vs_bf16": t_bf16 / t, "threads": args.threads}

@@ -83,6 +83,20 @@ inline __m256i and_mem(__m256i a, const __m256i* mask) {
   return r;
 }
 
+// Constants of the w4a8 kernel, also as memory operands (registers go to 8 accumulators).
+alignas(32) const uint32_t kLowNibblesBits[8] = {0x0F0F0F0Fu, 0x0F0F0F0Fu, 0x0F0F0F0Fu, 0x0F0F0F0Fu,
+                                                 0x0F0F0F0Fu, 0x0F0F0F0Fu, 0x0F0F0F0Fu, 0x0F0F0F0Fu};
+alignas(32) const uint32_t kOnes16Bits[8] = {0x00010001u, 0x00010001u, 0x00010001u, 0x00010001u,
+                                             0x00010001u, 0x00010001u, 0x00010001u, 0x00010001u};
+const __m256i& kLowNibbles = *reinterpret_cast<const __m256i*>(kLowNibblesBits);
+const __m256i& kOnes16 = *reinterpret_cast<const __m256i*>(kOnes16Bits);
+
+inline __m256i madd_mem(__m256i a, const __m256i* b) {
+  __m256i r;
+  __asm__("vpmaddwd %2, %1, %0" : "=x"(r) : "x"(a), "m"(*b));
+  return r;
+}
+
 // Activations are laid out per block of RB rows, interleaved along K ([block][K][RB] for
 // fp32), so that every broadcast in a kernel is at a constant offset from one pointer.
 constexpr int RB = 4;
@@ -365,8 +379,6 @@ __attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int
                                         float* out) {
   constexpr int NT = 2;
   unroll<MR * NT>([&](auto i) { _mm256_storeu_ps(out + (i / NT) * ST + (i % NT) * 8, _mm256_setzero_ps()); });
-  const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
   const int32_t* wp = L.w + st * L.K8 * ST;
   const at::Half* sp = L.s + st * L.G * ST;
   const uint8_t* zp = L.z ? L.z + st * L.G * ST : nullptr;
@@ -380,8 +392,8 @@ __attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int
       __m256i lo[NT], hi[NT];
       unroll<NT>([&](auto t) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + t * 8));
-        lo[t] = _mm256_and_si256(q, lo4);
-        hi[t] = _mm256_and_si256(_mm256_srli_epi32(q, 4), lo4);
+        lo[t] = and_mem(q, &kLowNibbles);
+        hi[t] = and_mem(_mm256_srli_epi32(q, 4), &kLowNibbles);
       });
       _mm_prefetch(reinterpret_cast<const char*>(wk + 8 * ST), _MM_HINT_T0);
       const int8_t* xk = xq + k8 * RB * 8;
@@ -389,7 +401,7 @@ __attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int
         const __m256i xa = _mm256_set1_epi32(load_i32(xk + m * 8)), xb = _mm256_set1_epi32(load_i32(xk + m * 8 + 4));
         unroll<NT>([&](auto t) {
           const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[t], xa), _mm256_maddubs_epi16(hi[t], xb));
-          acc[m * NT + t] = _mm256_add_epi32(acc[m * NT + t], _mm256_madd_epi16(p, ones));
+          acc[m * NT + t] = _mm256_add_epi32(acc[m * NT + t], madd_mem(p, &kOnes16));
         });
       });
     }

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -100,19 +101,31 @@ inline __m256i madd_mem(__m256i a, const __m256i* b) {
 // Activations are laid out per block of RB rows, interleaved along K ([block][K][RB] for
 // fp32), so that every broadcast in a kernel is at a constant offset from one pointer.
 constexpr int RB = 4;
+// Row stride of that layout: 1 for a single token (decode), which keeps its activations
+// 4x smaller in cache.
+inline int64_t row_stride(int64_t M) { return M == 1 ? 1 : RB; }
 // Rows whose activations stay in L2 while a thread streams its weight tiles (large M).
 constexpr int64_t ROW_CHUNK = 16;
 
 // Runs kern(supertile, row_block, rows) over all (supertile, block) pairs, threads split over
-// supertiles (output columns); rows are taken ROW_CHUNK at a time.
+// supertiles (output columns); rows are taken ROW_CHUNK at a time. Threads claim small runs of
+// supertiles from a shared counter rather than a fixed half each, so a thread that is slowed
+// down (a core shared with another process) does not leave the other one waiting.
 template <typename Kern>
 void run_tiles(int64_t NS, int64_t M, const Kern& kern) {
   const int64_t nblk = (M + RB - 1) / RB, chunk = ROW_CHUNK / RB;
+  const int64_t nthr = std::min<int64_t>(at::get_num_threads(), NS);
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(8, NS / (8 * nthr)));
   for (int64_t b0 = 0; b0 < nblk; b0 += chunk) {
     const int64_t b1 = std::min(nblk, b0 + chunk);
-    at::parallel_for(0, NS, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t st = s0; st < s1; ++st)
-        for (int64_t b = b0; b < b1; ++b) kern(st, b, static_cast<int>(std::min<int64_t>(RB, M - b * RB)));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
+      for (;;) {
+        const int64_t s0 = next.fetch_add(grain, std::memory_order_relaxed);
+        if (s0 >= NS) break;
+        for (int64_t st = s0; st < std::min(NS, s0 + grain); ++st)
+          for (int64_t b = b0; b < b1; ++b) kern(st, b, static_cast<int>(std::min<int64_t>(RB, M - b * RB)));
+      }
     });
   }
 }
@@ -137,7 +150,7 @@ inline void store_tile(const float* tile, int rows, float* out, int64_t N, int64
 // (row, vector) to break FMA latency chains when MR is small. xs: [K][RB] scaled activations
 // of this row block, gsum: [G][RB] group sums; out: [RB][16] fp32 tile (group totals).
 // ---------------------------------------------------------------------------------------------
-template <int MR, int SPLIT>
+template <int MR, int SPLIT, int XS>
 __attribute__((flatten)) void w4a16_tile(const W4Layout& L, int64_t st, const float* xs, const float* gsum,
                                          float* out) {
   constexpr int NT = 2;
@@ -157,7 +170,7 @@ __attribute__((flatten)) void w4a16_tile(const W4Layout& L, int64_t st, const fl
       __m256i q[NT];
       unroll<NT>([&](auto t) { q[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + t * 8)); });
       _mm_prefetch(reinterpret_cast<const char*>(wk + 8 * ST), _MM_HINT_T0);
-      const float* xk = xs + k8 * 8 * RB;
+      const float* xk = xs + k8 * 8 * XS;
       unroll<8>([&](auto j) {
         __m256 c[NT];
         unroll<NT>([&](auto t) {
@@ -167,7 +180,7 @@ __attribute__((flatten)) void w4a16_tile(const W4Layout& L, int64_t st, const fl
             c[t] = _mm256_cvtepi32_ps(and_mem(q[t], &kNibbleMask[j]));
         });
         unroll<MR>([&](auto m) {
-          const __m256 xb = _mm256_broadcast_ss(xk + j * RB + m);
+          const __m256 xb = _mm256_broadcast_ss(xk + j * XS + m);
           unroll<NT>([&](auto t) {
             constexpr int i = (m * NT + t) * SPLIT + j % SPLIT;
             acc[i] = _mm256_fmadd_ps(c[t], xb, acc[i]);
@@ -184,19 +197,19 @@ __attribute__((flatten)) void w4a16_tile(const W4Layout& L, int64_t st, const fl
         unroll<SPLIT - 1>([&](auto k) { a = _mm256_add_ps(a, acc[i0 + k + 1]); });
         float* o = out + m * ST + t * 8;
         const __m256 tot = _mm256_fmadd_ps(a, s, _mm256_loadu_ps(o));
-        _mm256_storeu_ps(o, _mm256_fnmadd_ps(zs, _mm256_broadcast_ss(gsum + g * RB + m), tot));
+        _mm256_storeu_ps(o, _mm256_fnmadd_ps(zs, _mm256_broadcast_ss(gsum + g * XS + m), tot));
       });
     });
   }
 }
 
 using W4A16Fn = void (*)(const W4Layout&, int64_t, const float*, const float*, float*);
-W4A16Fn w4a16_fn(int rows) {
+W4A16Fn w4a16_fn(int rows, int xs) {
   switch (rows) {
-    case 1: return w4a16_tile<1, 4>;
-    case 2: return w4a16_tile<2, 2>;
-    case 3: return w4a16_tile<3, 1>;
-    default: return w4a16_tile<4, 1>;
+    case 1: return xs == 1 ? w4a16_tile<1, 4, 1> : w4a16_tile<1, 4, RB>;
+    case 2: return w4a16_tile<2, 2, RB>;
+    case 3: return w4a16_tile<3, 1, RB>;
+    default: return w4a16_tile<4, 1, RB>;
   }
 }
 
@@ -301,26 +314,26 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
   }
 
   // Scaled activations for the nibble trick ([block][K][RB]) and group sums ([block][G][RB]).
-  const int64_t nblk = (M + RB - 1) / RB, gs = L.gw * 8;
-  std::vector<float> xs(nblk * K * RB, 0.f), gsum(nblk * G * RB, 0.f);
+  const int64_t nblk = (M + RB - 1) / RB, gs = L.gw * 8, XS = row_stride(M);
+  std::vector<float> xs(nblk * K * XS, 0.f), gsum(nblk * G * XS, 0.f);
   static const float mul[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576,
                                1.f / 16777216, 1.f};
   const float* xp = in.x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* xr = xp + m * K;
-      float* xo = xs.data() + (m / RB) * K * RB + m % RB;
-      float* go = gsum.data() + (m / RB) * G * RB + m % RB;
+      float* xo = xs.data() + (m / RB) * K * XS + m % RB;
+      float* go = gsum.data() + (m / RB) * G * XS + m % RB;
       for (int64_t k = 0; k < K; ++k) {
-        xo[k * RB] = xr[k] * mul[k & 7];
-        go[(k / gs) * RB] += xr[k];
+        xo[k * XS] = xr[k] * mul[k & 7];
+        go[(k / gs) * XS] += xr[k];
       }
     }
   });
   float* op = out.data_ptr<float>();
   run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
     alignas(32) float tile[RB * ST];
-    w4a16_fn(rows)(L, st, xs.data() + b * K * RB, gsum.data() + b * G * RB, tile);
+    w4a16_fn(rows, XS)(L, st, xs.data() + b * K * XS, gsum.data() + b * G * XS, tile);
     store_tile(tile, rows, op, N, b * RB, st * ST, nullptr, nullptr, in.bp);
   });
   return finish(out, x_in);
@@ -374,7 +387,7 @@ inline int32_t load_i32(const void* p) {
 // ordered [x0 x2 x4 x6 x1 x3 x5 x7] to match (word & 0x0F0F0F0F) and ((word >> 4) & 0x0F0F0F0F).
 // qsum: [block][G][RB] int32.
 // ---------------------------------------------------------------------------------------------
-template <int MR>
+template <int MR, int XS>
 __attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int8_t* xq, const int32_t* qsum,
                                         float* out) {
   constexpr int NT = 2;
@@ -396,7 +409,7 @@ __attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int
         hi[t] = and_mem(_mm256_srli_epi32(q, 4), &kLowNibbles);
       });
       _mm_prefetch(reinterpret_cast<const char*>(wk + 8 * ST), _MM_HINT_T0);
-      const int8_t* xk = xq + k8 * RB * 8;
+      const int8_t* xk = xq + k8 * XS * 8;
       unroll<MR>([&](auto m) {
         const __m256i xa = _mm256_set1_epi32(load_i32(xk + m * 8)), xb = _mm256_set1_epi32(load_i32(xk + m * 8 + 4));
         unroll<NT>([&](auto t) {
@@ -411,7 +424,7 @@ __attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int
                             : _mm256_set1_epi32(8);
       unroll<MR>([&](auto m) {
         const __m256i a =
-            _mm256_sub_epi32(acc[m * NT + t], _mm256_mullo_epi32(zv, _mm256_set1_epi32(qsum[g * RB + m])));
+            _mm256_sub_epi32(acc[m * NT + t], _mm256_mullo_epi32(zv, _mm256_set1_epi32(qsum[g * XS + m])));
         float* o = out + m * ST + t * 8;
         _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, _mm256_loadu_ps(o)));
       });
@@ -420,12 +433,12 @@ __attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int
 }
 
 using W4A8Fn = void (*)(const W4Layout&, int64_t, const int8_t*, const int32_t*, float*);
-W4A8Fn w4a8_fn(int rows) {
+W4A8Fn w4a8_fn(int rows, int xs) {
   switch (rows) {
-    case 1: return w4a8_tile<1>;
-    case 2: return w4a8_tile<2>;
-    case 3: return w4a8_tile<3>;
-    default: return w4a8_tile<4>;
+    case 1: return xs == 1 ? w4a8_tile<1, 1> : w4a8_tile<1, RB>;
+    case 2: return w4a8_tile<2, RB>;
+    case 3: return w4a8_tile<3, RB>;
+    default: return w4a8_tile<4, RB>;
   }
 }
 
@@ -440,26 +453,26 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   at::Tensor out = at::empty({M, N}, in.x.options());
   if (M == 0) return finish(out, x_in);
 
-  const int64_t nblk = (M + RB - 1) / RB;
-  std::vector<int8_t> xq(nblk * K8 * RB * 8, 0);
-  std::vector<int32_t> qsum(nblk * G * RB, 0);
+  const int64_t nblk = (M + RB - 1) / RB, XS = row_stride(M);
+  std::vector<int8_t> xq(nblk * K8 * XS * 8, 0);
+  std::vector<int32_t> qsum(nblk * G * XS, 0);
   std::vector<float> xscale(M);
   const float* xp = in.x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
-      int8_t* xo = xq.data() + (m / RB) * K8 * RB * 8 + (m % RB) * 8;
-      int32_t* qs = qsum.data() + (m / RB) * G * RB + m % RB;
+      int8_t* xo = xq.data() + (m / RB) * K8 * XS * 8 + (m % RB) * 8;
+      int32_t* qs = qsum.data() + (m / RB) * G * XS + m % RB;
       xscale[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* q) {
-        int8_t* d = xo + (k0 / 8) * RB * 8;
+        int8_t* d = xo + (k0 / 8) * XS * 8;
         for (int j = 0; j < 8; ++j) d[(j >> 1) + (j & 1) * 4] = static_cast<int8_t>(q[j]);
-        qs[(k0 / gs) * RB] += q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7];
+        qs[(k0 / gs) * XS] += q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7];
       });
     }
   });
   float* op = out.data_ptr<float>();
   run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
     alignas(32) float tile[RB * ST];
-    w4a8_fn(rows)(L, st, xq.data() + b * K8 * RB * 8, qsum.data() + b * G * RB, tile);
+    w4a8_fn(rows, XS)(L, st, xq.data() + b * K8 * XS * 8, qsum.data() + b * G * XS, tile);
     store_tile(tile, rows, op, N, b * RB, st * ST, xscale.data(), nullptr, in.bp);
   });
   return finish(out, x_in);
@@ -470,7 +483,7 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
 // (k, k+1) pairs: exact int32 (no saturation, unlike u8 x s8 maddubs). Activations are int16
 // pairs [block][K/2][RB][2] so one 32-bit broadcast feeds 8 columns.
 // ---------------------------------------------------------------------------------------------
-template <int MR>
+template <int MR, int XS>
 __attribute__((flatten)) void w8a8_tile(const int8_t* w, int64_t KP, const int16_t* xq, float* out) {
   // w: one supertile, [KP][2 halves][8 cols][2] bytes
   __m256i acc[MR * 2];
@@ -480,7 +493,7 @@ __attribute__((flatten)) void w8a8_tile(const int8_t* w, int64_t KP, const int16
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk)));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk + 16)));
     if ((kp & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wk + 32 * 16), _MM_HINT_T0);
-    const int16_t* xk = xq + kp * RB * 2;
+    const int16_t* xk = xq + kp * XS * 2;
     unroll<MR>([&](auto m) {
       const __m256i xb = _mm256_set1_epi32(load_i32(xk + m * 2));
       acc[m * 2] = _mm256_add_epi32(acc[m * 2], _mm256_madd_epi16(w0, xb));
@@ -491,12 +504,12 @@ __attribute__((flatten)) void w8a8_tile(const int8_t* w, int64_t KP, const int16
 }
 
 using W8A8Fn = void (*)(const int8_t*, int64_t, const int16_t*, float*);
-W8A8Fn w8a8_fn(int rows) {
+W8A8Fn w8a8_fn(int rows, int xs) {
   switch (rows) {
-    case 1: return w8a8_tile<1>;
-    case 2: return w8a8_tile<2>;
-    case 3: return w8a8_tile<3>;
-    default: return w8a8_tile<4>;
+    case 1: return xs == 1 ? w8a8_tile<1, 1> : w8a8_tile<1, RB>;
+    case 2: return w8a8_tile<2, RB>;
+    case 3: return w8a8_tile<3, RB>;
+    default: return w8a8_tile<4, RB>;
   }
 }
 
@@ -515,16 +528,16 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   at::Tensor out = at::empty({M, N}, in.x.options());
   if (M == 0) return finish(out, x_in);
 
-  const int64_t nblk = (M + RB - 1) / RB;
-  std::vector<int16_t> xq(nblk * KP * RB * 2 + 8, 0);
+  const int64_t nblk = (M + RB - 1) / RB, XS = row_stride(M);
+  std::vector<int16_t> xq(nblk * KP * XS * 2 + 8, 0);
   std::vector<float> xscale(M);
   const float* xp = in.x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
-      int16_t* xo = xq.data() + (m / RB) * KP * RB * 2 + (m % RB) * 2;
+      int16_t* xo = xq.data() + (m / RB) * KP * XS * 2 + (m % RB) * 2;
       xscale[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* q) {
         for (int j = 0; j < 8 && k0 + j < 2 * KP; ++j)
-          xo[((k0 + j) / 2) * RB * 2 + (j & 1)] = static_cast<int16_t>(q[j]);
+          xo[((k0 + j) / 2) * XS * 2 + (j & 1)] = static_cast<int16_t>(q[j]);
       });
     }
   });
@@ -533,7 +546,7 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   const float* wsp = w_scale.data_ptr<float>();
   run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
     alignas(32) float tile[RB * ST];
-    w8a8_fn(rows)(wp + st * KP * 32, KP, xq.data() + b * KP * RB * 2, tile);
+    w8a8_fn(rows, XS)(wp + st * KP * 32, KP, xq.data() + b * KP * XS * 2, tile);
     store_tile(tile, rows, op, N, b * RB, st * ST, xscale.data(), wsp, in.bp);
   });
   return finish(out, x_in);

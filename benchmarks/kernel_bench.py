@@ -4,7 +4,8 @@ For LLaVA-7B's language-model shapes (K x N) and token counts M (1 and 8: decode
 an image prompt's prefill) it prints the median time of
 
 * ``bf16``: dense bf16 ``F.linear`` (what vLLM-CPU runs for unquantized layers here),
-* ``dequantized``: qvlm's fallback backend (a dequantized bf16 weight, fake-quant activations),
+* ``dequantized``: qvlm's fallback backend (a dequantized bf16 weight, fake-quant activations;
+  decode only, at prefill it is the bf16 row's GEMM),
 * ``qvlm_cpu_*``: qvlm's AVX2 kernels (kernels/csrc/qvlm_cpu.cpp),
 * vLLM's own CPU ops (``cpu_gemm_wna16``, oneDNN int8) where this build/processor has them,
 
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
                 if not isinstance(key, tuple):
                     continue
                 be, ps = val
+                if m > 64 and isinstance(be, DequantizedBackend):
+                    continue  # the same bf16 GEMM as the bf16 row (plus fake quantization): minutes
                 t = _time([lambda p=p: be.apply(p, x, None) for p in ps], reps, budget)
                 results.append((f"{key[0]} {key[1]}", t, _weight_bytes(ps[0])))
             for name, t, nbytes in results:

@@ -54,13 +54,22 @@ def _measure(job: dict) -> dict:
     gen = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=job["answer_tokens"]), use_tqdm=False)
     answers = [{"text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids),
                 "prompt_token_ids": list(o.prompt_token_ids)} for o in gen]
+    positions = job.get("positions")
+    if positions == "own":  # the float model: teacher-force along its own answers
+        positions = answer_positions(answers, job["answer_tokens"])
     dists = None
-    if job.get("positions"):  # [(question index, token ids)] from the float model's answers
-        reqs = [{"prompt_token_ids": ids, "multi_modal_data": {"image": images[i]}} for i, ids in job["positions"]]
+    if positions:  # [(question index, token ids)] from the float model's answers
+        reqs = [{"prompt_token_ids": ids, "multi_modal_data": {"image": images[i]}} for i, ids in positions]
         outs = llm.generate(reqs, SamplingParams(temperature=0.0, max_tokens=1, logprobs=job["k"]), use_tqdm=False)
         dists = [{str(t): lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in outs]
-    return {"answers": answers, "dists": dists, "seconds": time.perf_counter() - t0,
+    return {"answers": answers, "dists": dists, "positions": positions, "seconds": time.perf_counter() - t0,
             "reference": [ex.answer for ex in examples]}
+
+
+def answer_positions(answers: list[dict], answer_tokens: int) -> list[tuple[int, list[int]]]:
+    """(question, prompt + first j answer tokens) for j < answer_tokens: where distributions are compared."""
+    return [(i, a["prompt_token_ids"] + a["token_ids"][:j])
+            for i, a in enumerate(answers) for j in range(min(answer_tokens, len(a["token_ids"])))]
 
 
 def _kl_coarse(p: dict[str, float], q: dict[str, float], k_fp: int) -> float:
@@ -100,21 +109,15 @@ def run_compare(fp_model: Path, models: list[Path], *, questions: int = 200, off
     workdir.mkdir(parents=True, exist_ok=True)
     base = {"questions": questions, "offset": offset, "answer_tokens": answer_tokens, "dtype": dtype,
             "max_model_len": max_model_len}
-    say(f"[compare] float model {fp_model}: greedy answers")
-    first = _run_child("measure", {**base, "model": str(fp_model), "k": k_q}, workdir, "fp-answers", threads, timeout,
-                       module="qvlm_offline.compare")
-    positions = []
-    for i, a in enumerate(first["answers"]):
-        for j in range(min(answer_tokens, len(a["token_ids"]))):
-            positions.append((i, a["prompt_token_ids"] + a["token_ids"][:j]))
-    jobs = {"fp": fp_model, **{str(m): m for m in models}}
+    say(f"[compare] float model {fp_model}: greedy answers and next-token distributions along them")
+    fp = _run_child("measure", {**base, "model": str(fp_model), "k": k_q, "positions": "own"}, workdir, "fp",
+                    threads, timeout, module="qvlm_offline.compare")
+    positions = fp["positions"]
     runs = {}
-    for name, m in jobs.items():
+    for m in models:
         say(f"[compare] {m}: {len(positions)} next-token distributions")
-        tag = "fp" if name == "fp" else Path(name).name
-        runs[name] = _run_child("measure", {**base, "model": str(m), "k": k_q, "positions": positions}, workdir,
-                                tag, threads, timeout, module="qvlm_offline.compare")
-    fp = runs.pop("fp")
+        runs[str(m)] = _run_child("measure", {**base, "model": str(m), "k": k_q, "positions": positions}, workdir,
+                                  m.name, threads, timeout, module="qvlm_offline.compare")
     fp_acc = summarize(fp, fp, k_fp)["accuracy"]
     results = {name: summarize(fp, r, k_fp) | {"seconds": r["seconds"]} for name, r in runs.items()}
     return {"float_model": str(fp_model), "float_accuracy": fp_acc, "settings": base | {"k_fp": k_fp, "k_q": k_q},

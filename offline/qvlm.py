@@ -132,6 +132,7 @@ class SearchLinear(nn.Module):
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (h0 - _GAMMA) - 1))
         self.log_mult = nn.Parameter(torch.zeros_like(self.s0))
         self.hard = True
+        self.cached = None  # weight() shared by the samples of one step (set by _weights_once)
 
     def h(self) -> torch.Tensor:
         hard = (self.v >= 0).to(torch.float32)
@@ -157,7 +158,8 @@ class SearchLinear(nn.Module):
         return (self.codes() - self.z[self.gidx].t()) * s
 
     def forward(self, x):
-        return F.linear(_fake_act(x, self.act_bits), self.weight(), self.bias)
+        w = self.cached if self.cached is not None else self.weight()
+        return F.linear(_fake_act(x, self.act_bits), w, self.bias)
 
     @torch.no_grad()
     def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -200,9 +202,8 @@ def _rel_err(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (y - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
 
 
-def _kl(logits_q: torch.Tensor, logits_fp: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(P_fp || P_q) of next-token distributions."""
-    lp = F.log_softmax(logits_fp.float(), -1)
+def _kl(logits_q: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(P_fp || P_q) of next-token distributions (``lp``: float log-probs)."""
     lq = F.log_softmax(logits_q.float(), -1)
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
@@ -309,27 +310,31 @@ def _quantize_layer_rtn(layer: nn.Module, specs: dict[str, LayerSpec], act_bits)
         _set(layer, name, SearchLinear(lin, specs[name], *q, act_bits))
 
 
+def _searched(block: _Block) -> list[SearchLinear]:
+    return [m for layer in block.layers for m in layer.modules() if isinstance(m, SearchLinear)]
+
+
 def _block_error(block: _Block, xs, hidden_q, targets) -> float:
     """Mean relative squared error of the block's output over the samples."""
-    with torch.no_grad():
+    with torch.no_grad(), _weights_once(_searched(block), grad=False):
         errs = [float(_rel_err(block.outputs(x, h)[-1], t[-1])) for x, h, t in zip(xs, hidden_q, targets)]
     return sum(errs) / max(len(errs), 1)
 
 
-def _sample_loss(block: _Block, x, h, target, weights, head, kl_weight) -> torch.Tensor:
-    """The search objective on one sample: entropy-weighted layer errors (+ KL for the last block)."""
+def _sample_loss(block: _Block, x, h, target, weights, head, kl_weight, fp_logp=None) -> torch.Tensor:
+    """The search objective on one sample: entropy-weighted layer errors (+ KL for the last block,
+    ``fp_logp`` = the float model's next-token log-probs for this sample)."""
     outs = block.outputs(x, h)
     loss = sum(w * _rel_err(y, t) for w, y, t in zip(weights, outs, target))
     if head is not None and kl_weight:
-        with torch.no_grad():
-            lfp = head(target[-1])
-        loss = loss + kl_weight * _kl(head(outs[-1]), lfp)
+        loss = loss + kl_weight * _kl(head(outs[-1]), fp_logp)
     return loss
 
 
-def _objective(block: _Block, xs, hidden_q, targets, weights, head, kl_weight) -> float:
+def _objective(block: _Block, xs, hidden_q, targets, weights, head, kl_weight, fp_logp) -> float:
     with torch.no_grad():
-        vals = [float(_sample_loss(block, x, h, t, weights, head, kl_weight)) for x, h, t in zip(xs, hidden_q, targets)]
+        vals = [float(_sample_loss(block, x, h, t, weights, head, kl_weight, fp_logp[j] if head else None))
+                for j, (x, h, t) in enumerate(zip(xs, hidden_q, targets))]
     return sum(vals) / max(len(vals), 1)
 
 
@@ -385,6 +390,22 @@ def _layer_weights(ent: list[float], start: int, end: int, on: bool) -> list[flo
     return [v / sum(e) for v in e]
 
 
+class _weights_once:
+    """Compute each searched layer's weight once for a step or an evaluation, not once per sample."""
+
+    def __init__(self, slins: list[SearchLinear], grad: bool):
+        self.slins, self.grad = slins, grad
+
+    def __enter__(self):
+        with torch.set_grad_enabled(self.grad):
+            for s in self.slins:
+                s.cached = s.weight()
+
+    def __exit__(self, *exc):
+        for s in self.slins:
+            s.cached = None
+
+
 def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, weights, cfg: SearchConfig,
               head: Callable | None, gen: torch.Generator) -> tuple[list[float], float, int]:
     """Adam on rounding logits and scale multipliers; returns (losses, best objective, its step).
@@ -396,7 +417,15 @@ def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, w
     opt = torch.optim.Adam([{"params": [s.v for s in slins], "lr": cfg.lr_round},
                             {"params": [s.log_mult for s in slins], "lr": cfg.lr_scale}])
     snapshot = lambda: [(s.v.detach().clone(), s.log_mult.detach().clone()) for s in slins]  # noqa: E731
-    evaluate = lambda: _objective(block, xs, hidden_q, targets, weights, head, cfg.kl_weight)  # noqa: E731
+    fp_logp = None
+    if head is not None:
+        with torch.no_grad():
+            fp_logp = [F.log_softmax(head(t[-1]).float(), -1) for t in targets]
+
+    def evaluate() -> float:
+        with _weights_once(slins, grad=False):
+            return _objective(block, xs, hidden_q, targets, weights, head, cfg.kl_weight, fp_logp)
+
     best_err, best_step, best = evaluate(), 0, snapshot()
     losses = []
     n = len(xs)
@@ -404,10 +433,11 @@ def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, w
         for s in slins:
             s.hard = False
         idx = torch.randperm(n, generator=gen)[: cfg.batch_samples].tolist()
-        loss = sum(_sample_loss(block, xs[j], hidden_q[j], targets[j], weights, head, cfg.kl_weight)
-                   for j in idx) / len(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with _weights_once(slins, grad=True):
+            loss = sum(_sample_loss(block, xs[j], hidden_q[j], targets[j], weights, head, cfg.kl_weight,
+                                    fp_logp[j] if head is not None else None) for j in idx) / len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
         for s in slins:
@@ -593,7 +623,7 @@ def qvlm_search(
                                                head if is_last else None, gen)
         err_final = _block_error(qblock, xs, hidden_q, targets)
 
-        with torch.no_grad():
+        with torch.no_grad(), _weights_once(slins, grad=False):
             hidden_q = [qblock.outputs(x, h)[-1] for x, h in zip(xs, hidden_q)]
             hidden_fp = [t[-1] for t in targets]
         for (i, name), sl in zip(starts, slins):

@@ -298,6 +298,10 @@ def export_checkpoint(
         report.bytes_out = writer.total_bytes
         if not report.quantized:
             raise FormatError(f"{src}: no linear layer matched; is this a llava-hf layout checkpoint?")
+        if quantize_lm_head and not any(m.endswith("lm_head") for m in report.quantized):
+            # tied to the input embeddings (no lm_head tensor of its own): it stays 16-bit
+            report.skipped["language_model.lm_head"] = "tied to the input embeddings"
+            skipped_patterns += IGNORE_LM_HEAD
         if skipped_patterns:
             qcfg = qcfg.model_copy(update={"ignore": [*qcfg.ignore, *skipped_patterns]})
         config["quantization_config"] = qcfg.to_dict()

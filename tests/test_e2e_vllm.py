@@ -46,6 +46,7 @@ CASES = {
     "w8a8": dict(scheme="w8a8"),
     "w8a8-vision": dict(scheme="w8a8", quantize_vision=True),
     "w4a16-688": dict(scheme="w4a16", group_size=128),  # intermediate 688: partial last group
+    "w4a16-lm-head": dict(scheme="w4a16", group_size=64, quantize_lm_head=True),  # vLLM ParallelLMHead path
     # Q-VLM search export: searched rounding and scales, smoothing folded into the norms (replaced
     # float tensors). Weight-only, so the comparison stays continuous and tight; with int8
     # activations smoothing makes single code flips cost more (one step measured 0.13 nats).

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from qvlm_kernels.checkpoint import check_trusted, load_quant_config, validate_checkpoint
 from qvlm_kernels.format import QUANT_METHOD, FormatError, LayerSpec, QVLMQuantConfig
@@ -86,6 +87,9 @@ class QVLMConfig(QuantizationConfig):
         return spec
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, ParallelLMHead):  # lm_head: quantized when the checkpoint says so
+            spec = self.spec_for(prefix)
+            return None if spec is None else QVLMLinearMethod(spec, prefix)
         if not isinstance(layer, LinearBase):
             return None
         spec = self.spec_for(prefix)

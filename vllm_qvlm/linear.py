@@ -14,6 +14,7 @@ import math
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
@@ -26,6 +27,25 @@ from qvlm_kernels.format import QWEIGHT, QZEROS, SCALES, FormatError, LayerSpec,
 
 logger = init_logger("vllm.qvlm")  # under vLLM's logger tree, so its handlers print it
 _logged_backends: set[tuple[str, str]] = set()
+
+
+def _lm_head_loader(layer: VocabParallelEmbedding):
+    """Load a stored ``[rows, vocab]`` tensor into this rank's ``[rows, padded vocab shard]`` parameter.
+
+    vLLM pads the vocabulary (to a multiple of 64) and shards it along N; the padding
+    columns get zero scales, so their logits are 0 (vLLM drops them anyway).
+    """
+
+    def load(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
+        idx = layer.shard_indices
+        start, size = idx.org_vocab_start_index, idx.org_vocab_end_index - idx.org_vocab_start_index
+        if loaded.shape[1] != layer.org_vocab_size:
+            raise FormatError(f"lm_head: stored tensor has {loaded.shape[1]} columns, the vocabulary is "
+                              f"{layer.org_vocab_size}")
+        param.data[:, :size].copy_(loaded[:, start : start + size])
+        param.data[:, size:].zero_()
+
+    return load
 
 
 @register_weight_loader_v2_supported_method
@@ -55,6 +75,8 @@ class QVLMLinearMethod(LinearMethodBase):
                 f"shards group-aligned"
             )
         loader = extra_weight_attrs["weight_loader"]
+        if isinstance(layer, VocabParallelEmbedding):  # a quantized lm_head: vocab-padded, N-sharded
+            loader = _lm_head_loader(layer)
         groups = num_groups(k, spec.group_size)
         if spec.bits == 4:
             qweight = PackedvLLMParameter(

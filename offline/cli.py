@@ -35,8 +35,9 @@ def _run_qvlm_search(args: argparse.Namespace):
     from .qvlm import SearchConfig, qvlm_search
     from .rtn import quantize_rtn
 
-    samples = load_calibration(args.calib, args.num_samples, args.seed)
-    inputs = build_model_inputs(samples, AutoProcessor.from_pretrained(args.src))
+    processor = AutoProcessor.from_pretrained(args.src)
+    samples = load_calibration(args.calib, args.num_samples, args.seed, processor=processor)  # its chat template
+    inputs = build_model_inputs(samples, processor)
     qcfg = build_quant_config(args.scheme, args.group_size, args.symmetric, args.quantize_vision,
                               args.quantize_lm_head, producer={})
     cfg = SearchConfig(
@@ -70,7 +71,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .capture import collect_hessians
         from .gptq import make_gptq_quantize_fn
 
-        samples = load_calibration(args.calib, args.num_samples, args.seed)
+        from transformers import AutoProcessor
+
+        # prompts in the model's own chat template, as it will be served
+        samples = load_calibration(args.calib, args.num_samples, args.seed,
+                                   processor=AutoProcessor.from_pretrained(args.src))
         modules = quantizable_modules(args.src, args.quantize_vision, args.quantize_lm_head)
         hessians = collect_hessians(args.src, samples, modules, progress=not args.quiet)
         quantize_fn = make_gptq_quantize_fn(hessians)

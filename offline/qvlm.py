@@ -67,6 +67,7 @@ class SearchConfig:
     lr_round: float = 5e-2
     lr_scale: float = 1e-3
     eval_every: int = 25
+    holdout: float = 0.25  # share of calibration samples that only judge states (see _optimize)
     kl_weight: float = 1.0
     init: str = "gptq"  # or "rtn"
     smooth: bool | None = None  # None: on for schemes with int activations
@@ -406,13 +407,24 @@ class _weights_once:
             s.cached = None
 
 
+def _split(n: int, holdout: float) -> tuple[list[int], list[int]]:
+    """(held-out, training) sample indices: every k-th sample held out; all of them for both if too few."""
+    if holdout <= 0 or n < 4:
+        return list(range(n)), list(range(n))
+    k = max(2, round(1 / holdout))
+    held = list(range(k - 1, n, k))
+    return held, [j for j in range(n) if j not in set(held)]
+
+
 def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, weights, cfg: SearchConfig,
               head: Callable | None, gen: torch.Generator) -> tuple[list[float], float, int]:
     """Adam on rounding logits and scale multipliers; returns (losses, best objective, its step).
 
-    The hard objective on all calibration samples is checked every ``cfg.eval_every``
-    steps (and at the start); the best state seen is restored, so the result is never
-    worse than the start on the calibration set.
+    Steps draw from the training part of the calibration samples; the hard objective on
+    the held-out part (``cfg.holdout``, every k-th sample) is checked every
+    ``cfg.eval_every`` steps and at the start, and the best state seen is restored. The
+    hold-out keeps a few dozen samples' worth of rounding decisions from being fitted to
+    noise: a state is kept only if it also helps samples it was not trained on.
     """
     opt = torch.optim.Adam([{"params": [s.v for s in slins], "lr": cfg.lr_round},
                             {"params": [s.log_mult for s in slins], "lr": cfg.lr_scale}])
@@ -422,17 +434,20 @@ def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, w
         with torch.no_grad():
             fp_logp = [F.log_softmax(head(t[-1]).float(), -1) for t in targets]
 
+    held, train = _split(len(xs), cfg.holdout)
+
     def evaluate() -> float:
+        sub = lambda v: None if v is None else [v[j] for j in held]  # noqa: E731
         with _weights_once(slins, grad=False):
-            return _objective(block, xs, hidden_q, targets, weights, head, cfg.kl_weight, fp_logp)
+            return _objective(block, sub(xs), sub(hidden_q), sub(targets), weights, head, cfg.kl_weight,
+                              sub(fp_logp))
 
     best_err, best_step, best = evaluate(), 0, snapshot()
     losses = []
-    n = len(xs)
     for it in range(1, cfg.iters + 1):
         for s in slins:
             s.hard = False
-        idx = torch.randperm(n, generator=gen)[: cfg.batch_samples].tolist()
+        idx = [train[j] for j in torch.randperm(len(train), generator=gen)[: cfg.batch_samples].tolist()]
         with _weights_once(slins, grad=True):
             loss = sum(_sample_loss(block, xs[j], hidden_q[j], targets[j], weights, head, cfg.kl_weight,
                                     fp_logp[j] if head is not None else None) for j in idx) / len(idx)

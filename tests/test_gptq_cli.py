@@ -35,7 +35,11 @@ def test_gptq_export_beats_rtn_on_the_calibration_objective(tmp_path):
     assert load_quant_config(tmp_path / "gptq").producer["method"] == "gptq"
 
     modules = quantizable_modules(src, False, False)
-    hessians = collect_hessians(src, load_calibration("easyvqa", 8, 0), modules, progress=False)
+    from transformers import AutoProcessor
+
+    # the CLI calibrates with prompts in the model's chat template
+    samples = load_calibration("easyvqa", 8, 0, processor=AutoProcessor.from_pretrained(src))
+    hessians = collect_hessians(src, samples, modules, progress=False)
     src_table = tensor_table(src)
     wins = 0
     for m in modules:

@@ -108,8 +108,9 @@ def _is_decode_read(name: str) -> bool:
     return name.startswith(("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head."))
 
 
-def weight_bytes(model_dir: str | Path) -> dict:
-    """Byte counts from the safetensors headers of a bf16 or qvlm checkpoint."""
+def weight_bytes(model_dir: str | Path, lm_head: bool = False) -> dict:
+    """Byte counts from the safetensors headers of a bf16 or qvlm checkpoint (for a bf16 one,
+    of the linears a default `qvlm quantize` would quantize, plus lm_head if ``lm_head``)."""
     from qvlm_kernels.checkpoint import tensor_table
     from qvlm_kernels.format import QUANT_TENSOR_SUFFIXES
 
@@ -119,7 +120,8 @@ def weight_bytes(model_dir: str | Path) -> dict:
     quantized = {n.rpartition(".")[0] for n in table if n.endswith(".qweight")}
     if not quantized:  # bf16 source: the linears a default `qvlm quantize` would quantize
         quantized = {n.rpartition(".")[0] for n, i in table.items()
-                     if n.endswith(".weight") and len(i.shape) == 2 and LANGUAGE_LINEAR.match(n.rpartition(".")[0])}
+                     if n.endswith(".weight") and len(i.shape) == 2 and (LANGUAGE_LINEAR.match(n.rpartition(".")[0])
+                                                                         or (lm_head and n.endswith("lm_head.weight")))}
     total = qlin = qlin_bf16 = decode = decode_bf16 = 0
     for name, info in table.items():
         module, _, leaf = name.rpartition(".")
@@ -173,7 +175,7 @@ def _prepare(job: dict) -> dict:
         _build_model(src, spec)
         (src / ".bench-spec.json").write_text(marker)
         timings["build_s"] = time.perf_counter() - t0
-    models = {"bf16": {"path": str(src), "weights": weight_bytes(src)}}
+    models = {"bf16": {"path": str(src), "weights": weight_bytes(src, lm_head=job["quantize_lm_head"])}}
     for scheme in job["schemes"]:
         out = root / f"{job['src_name']}-{scheme}"
         if not fresh(out, scheme + qtag):

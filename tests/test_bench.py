@@ -37,7 +37,7 @@ def test_bench_tiny_smoke(tmp_path):
         for key in ("total_bytes", "quantized_linear_bytes", "quantized_linear_bf16_bytes",
                     "decode_step_bytes_stored", "decode_step_bytes_bf16"):
             assert isinstance(w[key], int) and w[key] > 0, (c["name"], key)
-        assert w["quantized_linears"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
+        assert w["quantized_linears"] == 15  # 2 layers x (q, k, v, o, gate, up, down) + lm_head (bench default)
         for key in ("ttft_s", "load_s", "decode_bytes_read_per_step"):
             assert _positive(c[key]), (c["name"], key)
         assert c["ttft_prompt_tokens"] > 16  # the image's 16 patch tokens and the question

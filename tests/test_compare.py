@@ -37,6 +37,23 @@ def test_missing_token_gets_the_smallest_listed_logprob():
     assert got == pytest.approx(max(want, 0.0))
 
 
+def test_measurements_are_cached_until_the_model_directory_changes(tmp_path, monkeypatch):
+    import qvlm_offline.compare as compare
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(compare, "_run_child", lambda task, job, *a, **k: calls.append(job) or {"n": len(calls)})
+    job = {"model": str(model), "questions": 3}
+    first = compare._measure_cached(job, tmp_path / "w", "m", 1, 10)
+    assert compare._measure_cached(job, tmp_path / "w", "m", 1, 10) == first and len(calls) == 1
+    assert compare._measure_cached({**job, "questions": 4}, tmp_path / "w", "m", 1, 10) != first  # other settings
+    (model / "config.json").write_text('{"changed": 1}')
+    compare._measure_cached(job, tmp_path / "w", "m", 1, 10)
+    assert len(calls) == 3  # a rewritten model is measured again
+
+
 @pytest.mark.slow
 def test_compare_runs_models_in_vllm(tmp_path):
     pytest.importorskip("easy_vqa")

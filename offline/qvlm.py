@@ -675,6 +675,11 @@ def qvlm_search(
         proj = model.model.model.multi_modal_projector
         for name, p in proj.named_parameters():
             replaced[f"multi_modal_projector.{name}"] = p.detach().clone()
+        # does the tuned projector lower the cross-layer dependency? (measured, not assumed)
+        ent_v, dep_v = _profile(model, model.first_layer_inputs(model_inputs), bits, progress)
+        vision_report |= {"entropy_after": ent_v, "dependency_after": dep_v,
+                          "mean_dependency_before": sum(dep) / max(len(dep), 1),
+                          "mean_dependency_after": sum(dep_v) / max(len(dep_v), 1)}
 
     report = {
         "method": "qvlm", "config": cfg.__dict__ | {"threshold": threshold}, "num_samples": len(xs),

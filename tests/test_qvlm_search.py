@@ -98,3 +98,12 @@ def test_cli_qvlm_export_and_report_beat_rtn_end_to_end(tiny, tmp_path):
     kl_rtn = _mean_kl(src, tmp_path / "rtn", held_out)
     kl_qvlm = _mean_kl(src, tmp_path / "qvlm", held_out)
     assert kl_qvlm < kl_rtn, (kl_qvlm, kl_rtn)
+
+
+def test_visual_stage_keeps_the_best_projector_and_measures_the_dependency(tiny):
+    res = _search(tiny, "w4a8", iters=4, eval_every=2, optimize_vision=True, vision_iters=6)
+    v = res.report["vision"]
+    assert v["kl_final"] <= v["kl_start"]
+    assert len(v["dependency_after"]) == len(res.report["layers"]) - 1
+    assert v["mean_dependency_after"] > 0 and v["mean_dependency_before"] > 0
+    assert any(k.startswith("multi_modal_projector.") for k in res.replaced)

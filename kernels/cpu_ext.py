@@ -8,6 +8,10 @@ into torch's extensions directory; torch's file lock serializes concurrent build
 several worker processes and later processes just load the cached library.
 
 ``QVLM_CPU_KERNELS=0`` turns the library off (benchmarks, debugging).
+
+The library holds AVX2 kernels and AVX-512 ones (VNNI, BF16, and AMX tiles where present),
+chosen at run time from the processor's features; ``QVLM_CPU_ISA=avx2|avx512|amx`` (or
+``set_isa``) caps the choice, so every path can be tested and measured on one machine.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 
 logger = logging.getLogger("vllm.qvlm")
 
-_SOURCES = [Path(__file__).with_name("csrc") / "qvlm_cpu.cpp"]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "qvlm_cpu.cpp", _CSRC / "qvlm_cpu_avx512.cpp"]  # the header is qvlm_cpu.h
 _NAME = "qvlm_cpu"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _REQUIRED = ("avx2", "fma", "f16c")
@@ -95,6 +100,7 @@ def _load() -> str | None:
             _build()
         torch.ops.qvlm_cpu.w4a16_linear  # noqa: B018 - raises if the library did not register
         _register_fakes()
+        torch.ops.qvlm_cpu.isa(os.environ.get("QVLM_CPU_ISA", "auto"))
     except Exception as e:  # compiler missing, build error, load error
         return f"building the qvlm CPU kernels failed: {type(e).__name__}: {str(e).strip()[:2000]}"
     return None
@@ -110,6 +116,32 @@ def unavailable_reason() -> str | None:
                 logger.warning("qvlm: CPU kernels unavailable (%s); quantized layers use the dequantized fallback",
                                reason)
         return _state["reason"]  # type: ignore[return-value]
+
+
+ISAS = ("avx2", "avx512", "amx")  # each level includes the ones before it
+
+
+def set_isa(name: str) -> str:
+    """Use the kernels of ``name`` (one of ISAS, or "auto": the best this processor has); returns it.
+
+    Raises when the processor lacks it. Process-wide; prepared weights stay valid (every
+    instruction set reads the same packed layouts).
+    """
+    return ops().isa(name)
+
+
+def current_isa() -> str:
+    return ops().isa("")
+
+
+def supported_isas() -> list[str]:
+    """The instruction-set levels this processor runs, lowest first ([] without the library)."""
+    if not available():
+        return []
+    active = current_isa()
+    best = set_isa("auto")
+    set_isa(active)
+    return list(ISAS[: ISAS.index(best) + 1])
 
 
 def available() -> bool:

@@ -377,7 +377,8 @@ def _gptq_init(block: _Block, specs: dict[tuple[int, str], LayerSpec], act_bits,
     hooks = []
     for i, name, layer in block.linears():
         lin = layer.get_submodule(name)
-        acc = HessianAccumulator(lin.in_features)
+        # float32 sums: exact enough over one calibration set's tokens, and twice as fast as float64
+        acc = HessianAccumulator(lin.in_features, dtype=torch.float32)
         accs[(i, name)] = acc
         hooks.append(lin.register_forward_pre_hook(
             lambda _m, args, acc=acc: acc.update(fake_quantize_per_token(args[0], act_bits) if act_bits else args[0])))

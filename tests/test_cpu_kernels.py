@@ -1,4 +1,8 @@
-"""qvlm's AVX2 CPU kernels (kernels/csrc/qvlm_cpu.cpp) against the reference ops.
+"""qvlm's CPU kernels (kernels/csrc/qvlm_cpu*.cpp) against the reference ops.
+
+Every test runs once per instruction-set level this processor supports (AVX2; AVX-512 with
+VNNI/BF16; AMX tiles), forced with ``cpu_ext.set_isa``, so each kernel variant meets the same
+reference comparisons.
 
 Weights are random codes over the full code range (every nibble value, top nibble
 included) with random scales and zero points, so the packing, the partial last
@@ -25,6 +29,17 @@ from qvlm_kernels.format import QVLMQuantConfig
 from qvlm_kernels.pack import pack_codes
 
 pytestmark = pytest.mark.skipif(not cpu_ext.available(), reason=f"qvlm CPU kernels: {cpu_ext.unavailable_reason()}")
+
+
+@pytest.fixture(autouse=True, params=cpu_ext.supported_isas() or ["none"])
+def isa(request):
+    """Run the test with the kernels of one instruction-set level, then restore the default."""
+    if request.param == "none":  # kernels unavailable: the module is skipped anyway
+        yield request.param
+        return
+    assert cpu_ext.set_isa(request.param) == request.param
+    yield request.param
+    cpu_ext.set_isa("auto")
 
 BACKENDS = {"w4a16": QvlmCpuW4A16Backend, "w4a8": QvlmCpuW4A8Backend, "w8a8": QvlmCpuW8A8Backend}
 
@@ -101,7 +116,8 @@ def test_batched_input_shape():
         _check(scheme, gs, True, 256, 48, None, torch.bfloat16, True, shape=(2, 3))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(scheme=st.sampled_from(["w4a16", "w4a8", "w8a8"]), k8=st.integers(1, 90), n=st.integers(1, 70),
        m=st.integers(1, 20), gs=st.sampled_from([8, 32, 64, 128, -1]), sym=st.booleans(),
        dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), bias=st.booleans(),
@@ -146,6 +162,25 @@ def test_dispatch_prefers_qvlm_kernels_on_cpu():
     assert w8 == ("cpu_onednn_int8" if onednn else "qvlm_cpu_w8a8")
     # Fake-quant schemes have no integer kernel: dense fallback.
     assert select_backend(_spec("w4a4", 128, True), 4096, 4096, torch.bfloat16, "cpu").name == "dequantized"
+
+
+def test_isa_levels(isa):
+    levels = cpu_ext.supported_isas()
+    assert levels[0] == "avx2" and levels == list(cpu_ext.ISAS[: len(levels)])
+    assert cpu_ext.current_isa() == isa
+    with pytest.raises(RuntimeError, match="unknown instruction set"):
+        cpu_ext.set_isa("sse2")
+    for unsupported in cpu_ext.ISAS[len(levels):]:
+        with pytest.raises(RuntimeError, match="does not support"):
+            cpu_ext.set_isa(unsupported)
+    assert cpu_ext.current_isa() == isa
+
+
+def test_amx_row_blocks(isa):
+    """Token counts around the AMX kernel's thresholds and 16-row tiles (any level: same reference)."""
+    for m in (2, 3, 15, 16, 17, 40):
+        _check("w4a16", 128, False, 688, 40, m, torch.bfloat16, True)
+        _check("w4a16", 32, True, 256, 17, m, torch.bfloat16, False)
 
 
 def test_unavailable_reason_when_disabled(monkeypatch):

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <string>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -31,24 +32,63 @@
 #include <utility>
 #include <vector>
 
+#include "qvlm_cpu.h"
+
 namespace {
 
-constexpr int ST = 16;  // output columns per supertile
+using qvlm::RB;
+using qvlm::ST;
+using qvlm::W4Layout;
 
-inline __m256 load_h8(const at::Half* p) {
+// ---- instruction set, chosen at run time ---------------------------------------------------
+// Levels: 0 = AVX2 (+FMA, F16C), 1 = AVX-512 (F/BW/VL/DQ + VNNI + BF16, qvlm_cpu_avx512.cpp),
+// 2 = AVX-512 + AMX tiles (AMX-TILE, AMX-BF16, and Linux granting the tile state). The best
+// level the processor has is used; qvlm_cpu::isa("avx2"|"avx512") caps it (tests, benchmarks).
+constexpr const char* kIsaNames[] = {"avx2", "avx512", "amx"};
+
+int best_isa() {
+  static const int best = [] {
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
+    if (!avx512) return 0;
+    const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
+    return amx && qvlm::avx512::amx_enable() ? 2 : 1;
+  }();
+  return best;
+}
+
+std::atomic<int>& isa_level() {
+  static std::atomic<int> level{best_isa()};
+  return level;
+}
+
+// want: "" (query), "auto" (the best this processor has) or a level name; returns the active one.
+std::string isa(const std::string& want) {
+  if (want == "auto") {
+    isa_level() = best_isa();
+  } else if (!want.empty()) {
+    int level = -1;
+    for (int i = 0; i < 3; ++i)
+      if (want == kIsaNames[i]) level = i;
+    TORCH_CHECK(level >= 0, "qvlm_cpu: unknown instruction set '", want, "' (auto, avx2, avx512, amx)");
+    TORCH_CHECK(level <= best_isa(), "qvlm_cpu: this processor (or OS) does not support ", want);
+    isa_level() = level;
+  }
+  return kIsaNames[isa_level().load()];
+}
+
+bool use_avx512() { return isa_level().load(std::memory_order_relaxed) >= 1; }
+bool use_amx() { return isa_level().load(std::memory_order_relaxed) >= 2; }
+
+inline __m256 load_h8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 inline __m256 load_z8(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-
-struct W4Layout {
-  const int32_t* w;      // [NS][K8][16]
-  const at::Half* s;     // [NS][G][16]
-  const uint8_t* z;      // [NS][G][16] or nullptr (implicit zero 8)
-  int64_t K8, G, gw;     // K/8, groups, words (8 rows) per full group
-};
 
 // ---------------------------------------------------------------------------------------------
 // w4a16: fp32 FMA on decoded nibbles.
@@ -100,7 +140,6 @@ inline __m256i madd_mem(__m256i a, const __m256i* b) {
 
 // Activations are laid out per block of RB rows, interleaved along K ([block][K][RB] for
 // fp32), so that every broadcast in a kernel is at a constant offset from one pointer.
-constexpr int RB = 4;
 // Row stride of that layout: 1 for a single token (decode), which keeps its activations
 // 4x smaller in cache.
 inline int64_t row_stride(int64_t M) { return M == 1 ? 1 : RB; }
@@ -111,21 +150,29 @@ constexpr int64_t ROW_CHUNK = 16;
 // supertiles (output columns); rows are taken ROW_CHUNK at a time. Threads claim small runs of
 // supertiles from a shared counter rather than a fixed half each, so a thread that is slowed
 // down (a core shared with another process) does not leave the other one waiting.
+// kern(s0, s1) over runs of supertiles [s0, s1) covering [0, NS), claimed by the threads.
+template <typename Kern>
+void run_supertiles(int64_t NS, const Kern& kern) {
+  const int64_t nthr = std::min<int64_t>(at::get_num_threads(), NS);
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(8, NS / (8 * nthr)));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t s0 = next.fetch_add(grain, std::memory_order_relaxed);
+      if (s0 >= NS) break;
+      kern(s0, std::min(NS, s0 + grain));
+    }
+  });
+}
+
 template <typename Kern>
 void run_tiles(int64_t NS, int64_t M, const Kern& kern) {
   const int64_t nblk = (M + RB - 1) / RB, chunk = ROW_CHUNK / RB;
-  const int64_t nthr = std::min<int64_t>(at::get_num_threads(), NS);
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(8, NS / (8 * nthr)));
   for (int64_t b0 = 0; b0 < nblk; b0 += chunk) {
     const int64_t b1 = std::min(nblk, b0 + chunk);
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
-      for (;;) {
-        const int64_t s0 = next.fetch_add(grain, std::memory_order_relaxed);
-        if (s0 >= NS) break;
-        for (int64_t st = s0; st < std::min(NS, s0 + grain); ++st)
-          for (int64_t b = b0; b < b1; ++b) kern(st, b, static_cast<int>(std::min<int64_t>(RB, M - b * RB)));
-      }
+    run_supertiles(NS, [&](int64_t s0, int64_t s1) {
+      for (int64_t st = s0; st < s1; ++st)
+        for (int64_t b = b0; b < b1; ++b) kern(st, b, static_cast<int>(std::min<int64_t>(RB, M - b * RB)));
     });
   }
 }
@@ -158,7 +205,7 @@ __attribute__((flatten)) void w4a16_tile(const W4Layout& L, int64_t st, const fl
   // Group totals live in `out` (touched once per group) to leave the registers to the accumulators.
   unroll<MR * NT>([&](auto i) { _mm256_storeu_ps(out + (i / NT) * ST + (i % NT) * 8, _mm256_setzero_ps()); });
   const int32_t* wp = L.w + st * L.K8 * ST;
-  const at::Half* sp = L.s + st * L.G * ST;
+  const uint16_t* sp = L.s + st * L.G * ST;
   const uint8_t* zp = L.z ? L.z + st * L.G * ST : nullptr;
 
   for (int64_t g = 0; g < L.G; ++g) {
@@ -224,7 +271,7 @@ void w4_dequant_rows(const W4Layout& L, int64_t K, int64_t st_begin, int64_t st_
         float* row = dst + ((st - st_begin) * ST + c) * K;
         for (int64_t g = 0; g < L.G; ++g) {
           const int64_t off = st * L.G * ST + g * ST + c;
-          const float s = static_cast<float>(L.s[off]);
+          const float s = static_cast<float>(c10::Half(L.s[off], c10::Half::from_bits()));
           const float zs = s * (L.z ? static_cast<float>(L.z[off]) : 8.0f);
           const __m256 sv = _mm256_set1_ps(s), zsv = _mm256_set1_ps(zs);
           const int64_t kb = g * L.gw, ke = std::min(L.K8, kb + L.gw);
@@ -254,7 +301,8 @@ W4Layout w4_layout(const at::Tensor& w, const at::Tensor& s, const c10::optional
                 "qvlm_cpu: zeros must be contiguous uint8 [N/16, G, 16]");
     zp = z->data_ptr<uint8_t>();
   }
-  return W4Layout{w.data_ptr<int32_t>(), s.data_ptr<at::Half>(), zp, K / 8, G, gs / 8};
+  return W4Layout{w.data_ptr<int32_t>(), reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), zp, K / 8, G,
+                  gs / 8};
 }
 
 at::Tensor finish(at::Tensor out32, const at::Tensor& x) {
@@ -282,6 +330,10 @@ Inputs inputs(const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in, 
   }
   return in;
 }
+
+// Token rows from which the AMX w4a16 kernel beats the AVX-512 one (measured on a Sapphire
+// Rapids core: 1 and 2 rows are faster with vdpbf16ps, 3 and more on tiles).
+constexpr int64_t kAmxMinRows = 3;
 
 // x [M, K] (any float dtype) -> y [M, N] in x's dtype.
 at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
@@ -313,12 +365,67 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
     return finish(out, x_in);
   }
 
-  // Scaled activations for the nibble trick ([block][K][RB]) and group sums ([block][G][RB]).
   const int64_t nblk = (M + RB - 1) / RB, gs = L.gw * 8, XS = row_stride(M);
+  const float* xp = in.x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (x_in.scalar_type() == at::kBFloat16 && use_amx() && M >= kAmxMinRows) {
+    // Row-major bf16 pairs (x[8i+j], x[8i+j+4]) padded by one tile row, and fp32 group sums
+    // [M][G]; 16 token rows per tile pass.
+    const int64_t K8 = K / 8, lda = K8 * 4 + 16;
+    std::vector<uint32_t> xa(M * lda, 0);
+    std::vector<float> gsum(M * G, 0.f);
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        const uint32_t* xr = reinterpret_cast<const uint32_t*>(xp + m * K);
+        for (int64_t k8 = 0; k8 < K8; ++k8)
+          for (int j = 0; j < 4; ++j)
+            xa[m * lda + k8 * 4 + j] = (xr[k8 * 8 + j] >> 16) | (xr[k8 * 8 + j + 4] & 0xFFFF0000u);
+        for (int64_t k = 0; k < K; ++k) gsum[m * G + k / gs] += xp[m * K + k];
+      }
+    });
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+      run_supertiles(NS, [&](int64_t s0, int64_t s1) {
+        std::vector<float> tiles((s1 - s0) * 16 * ST);
+        qvlm::avx512::w4a16_amx(L, s0, s1, rows, xa.data() + m0 * lda, lda, gsum.data() + m0 * G, tiles.data());
+        for (int64_t st = s0; st < s1; ++st)
+          for (int r0 = 0; r0 < rows; r0 += RB)
+            store_tile(tiles.data() + ((st - s0) * 16 + r0) * ST, std::min(RB, rows - r0), op, N, m0 + r0, st * ST,
+                       nullptr, nullptr, in.bp);
+      });
+    }
+    return finish(out, x_in);
+  }
+  if (x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
+    // bf16 pairs (x[8i+j], x[8i+j+4]) ([block][K8][4][RB]; the bf16 -> fp32 -> bf16 round
+    // trip is exact) and fp32 group sums ([block][G][RB]).
+    const int64_t K8 = K / 8;
+    std::vector<uint32_t> xb(nblk * K8 * 4 * XS, 0);
+    std::vector<float> gsum(nblk * G * XS, 0.f);
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        const uint32_t* xr = reinterpret_cast<const uint32_t*>(xp + m * K);
+        uint32_t* xo = xb.data() + (m / RB) * K8 * 4 * XS + m % RB;
+        float* go = gsum.data() + (m / RB) * G * XS + m % RB;
+        for (int64_t k8 = 0; k8 < K8; ++k8)
+          for (int j = 0; j < 4; ++j)
+            xo[(k8 * 4 + j) * XS] = (xr[k8 * 8 + j] >> 16) | (xr[k8 * 8 + j + 4] & 0xFFFF0000u);
+        for (int64_t k = 0; k < K; ++k) go[(k / gs) * XS] += xp[m * K + k];
+      }
+    });
+    run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
+      alignas(64) float tile[RB * ST];
+      qvlm::avx512::w4a16_bf16_tile(L, st, rows, static_cast<int>(XS), xb.data() + b * K8 * 4 * XS,
+                                    gsum.data() + b * G * XS, tile);
+      store_tile(tile, rows, op, N, b * RB, st * ST, nullptr, nullptr, in.bp);
+    });
+    return finish(out, x_in);
+  }
+
+  // Scaled activations for the nibble trick ([block][K][RB]) and group sums ([block][G][RB]).
   std::vector<float> xs(nblk * K * XS, 0.f), gsum(nblk * G * XS, 0.f);
   static const float mul[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576,
                                1.f / 16777216, 1.f};
-  const float* xp = in.x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const float* xr = xp + m * K;
@@ -330,7 +437,6 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
       }
     }
   });
-  float* op = out.data_ptr<float>();
   run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
     alignas(32) float tile[RB * ST];
     w4a16_fn(rows, XS)(L, st, xs.data() + b * K * XS, gsum.data() + b * G * XS, tile);
@@ -393,7 +499,7 @@ __attribute__((flatten)) void w4a8_tile(const W4Layout& L, int64_t st, const int
   constexpr int NT = 2;
   unroll<MR * NT>([&](auto i) { _mm256_storeu_ps(out + (i / NT) * ST + (i % NT) * 8, _mm256_setzero_ps()); });
   const int32_t* wp = L.w + st * L.K8 * ST;
-  const at::Half* sp = L.s + st * L.G * ST;
+  const uint16_t* sp = L.s + st * L.G * ST;
   const uint8_t* zp = L.z ? L.z + st * L.G * ST : nullptr;
 
   for (int64_t g = 0; g < L.G; ++g) {
@@ -470,9 +576,14 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
     }
   });
   float* op = out.data_ptr<float>();
+  const bool avx512 = use_avx512();
   run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
-    alignas(32) float tile[RB * ST];
-    w4a8_fn(rows, XS)(L, st, xq.data() + b * K8 * XS * 8, qsum.data() + b * G * XS, tile);
+    alignas(64) float tile[RB * ST];
+    if (avx512)
+      qvlm::avx512::w4a8_tile(L, st, rows, static_cast<int>(XS), xq.data() + b * K8 * XS * 8,
+                              qsum.data() + b * G * XS, tile);
+    else
+      w4a8_fn(rows, XS)(L, st, xq.data() + b * K8 * XS * 8, qsum.data() + b * G * XS, tile);
     store_tile(tile, rows, op, N, b * RB, st * ST, xscale.data(), nullptr, in.bp);
   });
   return finish(out, x_in);
@@ -513,7 +624,8 @@ W8A8Fn w8a8_fn(int rows, int xs) {
   }
 }
 
-// w: int8 [N/16, KP, 32], w_scale fp32 [N/16*16]; x [M, K] with K <= 2*KP (zero padded).
+// w: int8 [N/16, KP, 32], w_scale fp32 [N/16*16]; x [M, K] with K <= 2*KP (zero padded; the
+// AVX-512 kernel takes k-pairs two at a time and needs KP even).
 at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& w_scale,
                        const c10::optional<at::Tensor>& bias_in, int64_t N) {
   const Inputs in = inputs(x_in, bias_in, N);
@@ -521,7 +633,7 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 32 && w.scalar_type() == at::kChar && w.is_contiguous(),
               "qvlm_cpu: packed int8 weight must be contiguous int8 [N/16, K/2, 32]");
   const int64_t NS = w.size(0), KP = w.size(1);
-  TORCH_CHECK(2 * KP >= K && 2 * KP - K < 2, "qvlm_cpu: K mismatch");
+  TORCH_CHECK(2 * KP >= K && 2 * KP - K < 4, "qvlm_cpu: K mismatch");
   TORCH_CHECK(NS * ST >= N && w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
                   w_scale.numel() == NS * ST,
               "qvlm_cpu: bad w_scale");
@@ -529,9 +641,31 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   if (M == 0) return finish(out, x_in);
 
   const int64_t nblk = (M + RB - 1) / RB, XS = row_stride(M);
-  std::vector<int16_t> xq(nblk * KP * XS * 2 + 8, 0);
   std::vector<float> xscale(M);
   const float* xp = in.x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* wsp = w_scale.data_ptr<float>();
+  if (use_avx512() && KP % 2 == 0) {
+    // Codes + 128 as uint8, 4 consecutive k per row: [block][KP/2][RB][4].
+    std::vector<uint8_t> xu(nblk * KP * 2 * XS, 128);
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        uint8_t* xo = xu.data() + (m / RB) * KP * 2 * XS + (m % RB) * 4;
+        xscale[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* q) {
+          for (int j = 0; j < 8 && k0 + j < 2 * KP; ++j)
+            xo[((k0 + j) / 4) * XS * 4 + (j & 3)] = static_cast<uint8_t>(q[j] + 128);
+        });
+      }
+    });
+    run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
+      alignas(64) float tile[RB * ST];
+      qvlm::avx512::w8a8_tile(wp + st * KP * 32, KP, rows, static_cast<int>(XS), xu.data() + b * KP * 2 * XS, tile);
+      store_tile(tile, rows, op, N, b * RB, st * ST, xscale.data(), wsp, in.bp);
+    });
+    return finish(out, x_in);
+  }
+  std::vector<int16_t> xq(nblk * KP * XS * 2 + 8, 0);
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       int16_t* xo = xq.data() + (m / RB) * KP * XS * 2 + (m % RB) * 2;
@@ -541,9 +675,6 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
       });
     }
   });
-  float* op = out.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* wsp = w_scale.data_ptr<float>();
   run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
     alignas(32) float tile[RB * ST];
     w8a8_fn(rows, XS)(wp + st * KP * 32, KP, xq.data() + b * KP * XS * 2, tile);
@@ -577,6 +708,7 @@ TORCH_LIBRARY(qvlm_cpu, m) {
   m.def("w4a8_linear(Tensor x, Tensor w, Tensor s, Tensor? z, Tensor? bias, int n, int group_size) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int n) -> Tensor");
   m.def("quant_per_token(Tensor x) -> (Tensor, Tensor)");
+  m.def("isa(str want) -> str", &isa);  // no tensor arguments: one implementation for every key
 }
 
 TORCH_LIBRARY_IMPL(qvlm_cpu, CPU, m) {

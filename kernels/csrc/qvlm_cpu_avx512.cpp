@@ -67,6 +67,15 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
+// One supertile's weight words, scales and zero points.
+struct Tile4 {
+  const int32_t* w;
+  const uint16_t* s;
+  const uint8_t* z;  // nullptr: implicit zero 8
+  Tile4(const W4Layout& L, int64_t st)
+      : w(L.w + st * L.K8 * ST), s(L.s + st * L.G * ST), z(L.z ? L.z + st * L.G * ST : nullptr) {}
+};
+
 template <int MR>
 inline void zero_tile(float* out) {
   unroll<MR>([&](auto m) { _mm512_storeu_ps(out + m * ST, _mm512_setzero_ps()); });
@@ -77,17 +86,15 @@ template <int MR, int XS>
 __attribute__((flatten)) void w4a16_bf16(const W4Layout& L, int64_t st, const uint32_t* xp, const float* gsum,
                                          float* out) {
   zero_tile<MR>(out);
-  const int32_t* wp = L.w + st * L.K8 * ST;
-  const uint16_t* sp = L.s + st * L.G * ST;
-  const uint8_t* zp = L.z ? L.z + st * L.G * ST : nullptr;
+  const Tile4 t(L, st);
   const __m512i mask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
   for (int64_t g = 0; g < L.G; ++g) {
     const int64_t kb = g * L.gw, ke = min64(L.K8, kb + L.gw);
     __m512 acc[MR * 4];
     unroll<MR * 4>([&](auto i) { acc[i] = _mm512_setzero_ps(); });
     for (int64_t k8 = kb; k8 < ke; ++k8) {
-      const __m512i q = _mm512_loadu_si512(wp + k8 * ST);
-      _mm_prefetch(reinterpret_cast<const char*>(wp + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
+      const __m512i q = _mm512_loadu_si512(t.w + k8 * ST);
+      _mm_prefetch(reinterpret_cast<const char*>(t.w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
       const uint32_t* xk = xp + k8 * 4 * XS;
       unroll<4>([&](auto j) {
         const __m512i sh = j == 0 ? q : _mm512_srli_epi32(q, 4 * j);
@@ -98,8 +105,8 @@ __attribute__((flatten)) void w4a16_bf16(const W4Layout& L, int64_t st, const ui
         });
       });
     }
-    const __m512 s = load_h16(sp + g * ST);
-    const __m512 off = _mm512_add_ps(zp ? load_z16(zp + g * ST) : _mm512_set1_ps(8.f), _mm512_set1_ps(128.f));
+    const __m512 s = load_h16(t.s + g * ST);
+    const __m512 off = _mm512_add_ps(t.z ? load_z16(t.z + g * ST) : _mm512_set1_ps(8.f), _mm512_set1_ps(128.f));
     const __m512 zs = _mm512_mul_ps(s, off);
     unroll<MR>([&](auto m) {
       const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m * 4], acc[m * 4 + 1]),
@@ -116,17 +123,15 @@ template <int MR, int XS>
 __attribute__((flatten)) void w4a8(const W4Layout& L, int64_t st, const int8_t* xq, const int32_t* qsum,
                                    float* out) {
   zero_tile<MR>(out);
-  const int32_t* wp = L.w + st * L.K8 * ST;
-  const uint16_t* sp = L.s + st * L.G * ST;
-  const uint8_t* zp = L.z ? L.z + st * L.G * ST : nullptr;
+  const Tile4 t(L, st);
   const __m512i lowmask = _mm512_set1_epi32(0x0F0F0F0F);
   for (int64_t g = 0; g < L.G; ++g) {
     const int64_t kb = g * L.gw, ke = min64(L.K8, kb + L.gw);
     __m512i acc[MR * 2];
     unroll<MR * 2>([&](auto i) { acc[i] = _mm512_setzero_si512(); });
     for (int64_t k8 = kb; k8 < ke; ++k8) {
-      const __m512i q = _mm512_loadu_si512(wp + k8 * ST);
-      _mm_prefetch(reinterpret_cast<const char*>(wp + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
+      const __m512i q = _mm512_loadu_si512(t.w + k8 * ST);
+      _mm_prefetch(reinterpret_cast<const char*>(t.w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
       const __m512i lo = _mm512_and_si512(q, lowmask), hi = _mm512_and_si512(_mm512_srli_epi32(q, 4), lowmask);
       const int8_t* xk = xq + k8 * XS * 8;
       unroll<MR>([&](auto m) {
@@ -134,8 +139,8 @@ __attribute__((flatten)) void w4a8(const W4Layout& L, int64_t st, const int8_t* 
         acc[m * 2 + 1] = _mm512_dpbusd_epi32(acc[m * 2 + 1], hi, _mm512_set1_epi32(load_i32(xk + m * 8 + 4)));
       });
     }
-    const __m512 s = load_h16(sp + g * ST);
-    const __m512i zv = zp ? load_z16i(zp + g * ST) : _mm512_set1_epi32(8);
+    const __m512 s = load_h16(t.s + g * ST);
+    const __m512i zv = t.z ? load_z16i(t.z + g * ST) : _mm512_set1_epi32(8);
     unroll<MR>([&](auto m) {
       const __m512i a = _mm512_sub_epi32(_mm512_add_epi32(acc[m * 2], acc[m * 2 + 1]),
                                          _mm512_mullo_epi32(zv, _mm512_set1_epi32(qsum[g * XS + m])));
@@ -157,7 +162,7 @@ __attribute__((flatten)) void w8a8(const int8_t* w, int64_t KP, const uint8_t* x
   unroll<MR * SPLIT>([&](auto i) { acc[i] = _mm512_setzero_si512(); });
   for (int64_t kq = 0; kq < KP / 2; ++kq) {
     const __m512i wv = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(w + kq * 64));
-    _mm_prefetch(reinterpret_cast<const char*>(w + (kq + 8) * 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (kq + kPrefetchLines) * 64), _MM_HINT_T0);
     wsum = _mm512_dpbusd_epi32(wsum, u128, wv);
     const uint8_t* xk = xq + kq * XS * 4;
     unroll<MR>([&](auto m) {
@@ -224,9 +229,7 @@ void w4a16_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint
   for (int64_t st = st0; st < st1; ++st) {
     float* o = out + (st - st0) * 16 * ST;
     for (int m = 0; m < rows; ++m) _mm512_storeu_ps(o + m * ST, _mm512_setzero_ps());
-    const int32_t* wp = L.w + st * L.K8 * ST;
-    const uint16_t* sp = L.s + st * L.G * ST;
-    const uint8_t* zp = L.z ? L.z + st * L.G * ST : nullptr;
+    const Tile4 t(L, st);
     for (int64_t g = 0; g < L.G; ++g) {
       const int64_t kb = g * L.gw, ke = min64(L.K8, kb + L.gw);
       _tile_zero(0);
@@ -234,8 +237,8 @@ void w4a16_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint
       int step = 0;
       for (int64_t k8 = kb; k8 < ke; k8 += 4, ++step) {
         uint32_t* b = bbuf[step & 1];
-        decode_b(wp + k8 * ST, ke - k8, b);
-        _mm_prefetch(reinterpret_cast<const char*>(wp + (k8 + 16) * ST), _MM_HINT_T0);
+        decode_b(t.w + k8 * ST, ke - k8, b);
+        _mm_prefetch(reinterpret_cast<const char*>(t.w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
         _tile_loadd(3, b, 64);
         _tile_loadd(2, xa + k8 * 4, lda * 4);
         if (step & 1)
@@ -245,9 +248,9 @@ void w4a16_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint
       }
       _tile_stored(0, cbuf[0], 64);
       _tile_stored(1, cbuf[1], 64);
-      const __m512 s = load_h16(sp + g * ST);
+      const __m512 s = load_h16(t.s + g * ST);
       const __m512 zs =
-          _mm512_mul_ps(s, _mm512_add_ps(zp ? load_z16(zp + g * ST) : _mm512_set1_ps(8.f), _mm512_set1_ps(128.f)));
+          _mm512_mul_ps(s, _mm512_add_ps(t.z ? load_z16(t.z + g * ST) : _mm512_set1_ps(8.f), _mm512_set1_ps(128.f)));
       for (int m = 0; m < rows; ++m) {
         const __m512 a = _mm512_add_ps(_mm512_load_ps(cbuf[0] + m * ST), _mm512_load_ps(cbuf[1] + m * ST));
         const __m512 tot = _mm512_fmadd_ps(a, s, _mm512_loadu_ps(o + m * ST));

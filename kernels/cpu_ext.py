@@ -72,7 +72,7 @@ def _register_fakes() -> None:
     lib = "qvlm_cpu::"
     fakes = {
         "w4a16_linear": lambda x, w, s, z, bias, n, group_size, gemm_min_rows: x.new_empty(x.shape[0], n),
-        "w4a8_linear": lambda x, w, s, z, bias, n, group_size: x.new_empty(x.shape[0], n),
+        "w4a8_linear": lambda x, w, s, z, bias, n, group_size, gemm_min_rows: x.new_empty(x.shape[0], n),
         "w8a8_linear": lambda x, w, w_scale, bias, n: x.new_empty(x.shape[0], n),
         "quant_per_token": lambda x: (x.new_empty(x.shape, dtype=torch.int8),
                                       x.new_empty(x.shape[0], 1, dtype=torch.float32)),

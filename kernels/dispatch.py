@@ -21,6 +21,8 @@ import torch
 
 from .backends import (
     Backend,
+    CpuAmxInt8Backend,
+    CpuAmxW4A8Backend,
     CpuInt8Backend,
     CpuWNA16Backend,
     DequantizedBackend,
@@ -42,7 +44,8 @@ def _triton_backends() -> list[type[Backend]]:
 
 def _all_backends() -> dict[str, type[Backend]]:
     out = {b.name: b for b in (ReferenceBackend, DequantizedBackend, CpuWNA16Backend, CpuInt8Backend,
-                               QvlmCpuW4A16Backend, QvlmCpuW4A8Backend, QvlmCpuW8A8Backend)}
+                               CpuAmxInt8Backend, CpuAmxW4A8Backend, QvlmCpuW4A16Backend, QvlmCpuW4A8Backend,
+                               QvlmCpuW8A8Backend)}
     try:
         out.update({b.name: b for b in _triton_backends()})
     except ImportError:

@@ -97,18 +97,25 @@ def test_grid(scheme, gs, sym, k, n):
 @pytest.mark.parametrize("scheme,gs,sym", [("w4a16", 128, True), ("w4a16", 128, False), ("w4a8", 128, False),
                                            ("w8a8", -1, True)])
 def test_llava_like_width_and_prefill(scheme, gs, sym):
-    """A wide, non-tile-multiple N (stand-in for 11008) at decode and an image-prompt M."""
+    """A wide, non-tile-multiple N (stand-in for 11008) at decode and an image-prompt M.
+
+    One token row over 63 / 33 supertiles also takes the AVX-512 kernels' several-supertiles-
+    at-once path and its single-supertile remainder.
+    """
+    _check(scheme, gs, sym, 1024, 1000, 1, torch.bfloat16, True)
+    _check(scheme, gs, sym, 512, 520, 1, torch.bfloat16, False)
     _check(scheme, gs, sym, 1024, 1000, 8, torch.bfloat16, True)
     _check(scheme, gs, sym, 688, 200, 600, torch.bfloat16, False)
 
 
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8"])
 @pytest.mark.parametrize("gemm_min_rows", [1, 10**9])
 @pytest.mark.parametrize("gs,sym", [(128, True), (64, False), (-1, True)])
-def test_w4a16_both_paths(gemm_min_rows, gs, sym):
-    """The dequantize + fp32 GEMM path and the register-tiled path agree with the reference."""
+def test_w4_both_paths(scheme, gemm_min_rows, gs, sym):
+    """The dequantize + GEMM path (fp32, or bf16 with AVX512-BF16) and the register-tiled path agree with the reference."""
     for m in (1, 5, 40):
-        _check("w4a16", gs, sym, 688, 56, m, torch.bfloat16, True, gemm_min_rows=gemm_min_rows)
-        _check("w4a16", gs, sym, 256, 40, m, torch.float32, False, gemm_min_rows=gemm_min_rows)
+        _check(scheme, gs, sym, 688, 56, m, torch.bfloat16, True, gemm_min_rows=gemm_min_rows)
+        _check(scheme, gs, sym, 256, 40, m, torch.float32, False, gemm_min_rows=gemm_min_rows)
 
 
 def test_batched_input_shape():

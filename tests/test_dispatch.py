@@ -10,7 +10,14 @@ import torch
 
 from offline_helpers import make_layer_tensors
 from qvlm_kernels import reference
-from qvlm_kernels.backends import CpuInt8Backend, CpuWNA16Backend, DequantizedBackend, ReferenceBackend
+from qvlm_kernels.backends import (
+    CpuAmxInt8Backend,
+    CpuAmxW4A8Backend,
+    CpuInt8Backend,
+    CpuWNA16Backend,
+    DequantizedBackend,
+    ReferenceBackend,
+)
 from qvlm_kernels.dispatch import select_backend
 from qvlm_kernels.format import QVLMQuantConfig
 
@@ -58,12 +65,15 @@ def test_portable_backends_match_reference(backend_cls, scheme, gs, sym):
 
 
 @pytest.mark.parametrize("scheme,gs,sym,cls", [("w4a16", 128, True, CpuWNA16Backend), ("w4a16", 64, False, CpuWNA16Backend),
-                                                ("w8a8", -1, True, CpuInt8Backend)])
-def test_vllm_cpu_backends_where_available(scheme, gs, sym, cls):
+                                                ("w8a8", -1, True, CpuInt8Backend), ("w8a8", -1, True, CpuAmxInt8Backend),
+                                                ("w4a8", 128, True, CpuAmxW4A8Backend),
+                                                ("w4a8", 64, False, CpuAmxW4A8Backend)])
+@pytest.mark.parametrize("k,n,m", [(256, 96, 7), (640, 160, 1), (640, 160, 40)])
+def test_vllm_cpu_backends_where_available(scheme, gs, sym, cls, k, n, m):
     spec = _spec(scheme, gs, sym)
-    if not cls.supports(spec, 256, 96, torch.bfloat16):
+    if not cls.supports(spec, k, n, torch.bfloat16):
         pytest.skip(f"{cls.name}: not provided by this vLLM-CPU build/processor")
-    _check(cls(), spec, 256, 96, torch.bfloat16, "cpu")
+    _check(cls(), spec, k, n, torch.bfloat16, "cpu", m=m)
 
 
 def test_forced_backend_and_unknown_name(monkeypatch):

@@ -150,11 +150,12 @@ constexpr int64_t ROW_CHUNK = 16;
 // supertiles (output columns); rows are taken ROW_CHUNK at a time. Threads claim small runs of
 // supertiles from a shared counter rather than a fixed half each, so a thread that is slowed
 // down (a core shared with another process) does not leave the other one waiting.
-// kern(s0, s1) over runs of supertiles [s0, s1) covering [0, NS), claimed by the threads.
+// kern(s0, s1) over runs of supertiles [s0, s1) covering [0, NS), claimed by the threads;
+// runs are a multiple of `unit` long (but the last).
 template <typename Kern>
-void run_supertiles(int64_t NS, const Kern& kern) {
+void run_supertiles(int64_t NS, const Kern& kern, int64_t unit = 1) {
   const int64_t nthr = std::min<int64_t>(at::get_num_threads(), NS);
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(8, NS / (8 * nthr)));
+  const int64_t grain = (std::max<int64_t>(1, std::min<int64_t>(8, NS / (8 * nthr))) + unit - 1) / unit * unit;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
     for (;;) {
@@ -190,6 +191,22 @@ inline void store_tile(const float* tile, int rows, float* out, int64_t N, int64
       o[c] = bias ? v + bias[n0 + c] : v;
     }
   }
+}
+
+// One token row with the AVX-512 kernels: kern(st, tile, several) fills kRowSupertiles tiles
+// from st when `several`, else one; tiles [n][RB][16] are stored (times row_scale, + bias).
+template <typename Kern>
+void run_row(int64_t NS, float* out, int64_t N, const float* row_scale, const float* bias, const Kern& kern) {
+  constexpr int nt = qvlm::avx512::kRowSupertiles;
+  run_supertiles(NS, [&](int64_t s0, int64_t s1) {
+    alignas(64) float tile[nt * RB * ST];
+    for (int64_t st = s0; st < s1;) {
+      const int n = st + nt <= s1 ? nt : 1;
+      kern(st, tile, n == nt);
+      for (int i = 0; i < n; ++i) store_tile(tile + i * RB * ST, 1, out, N, 0, (st + i) * ST, row_scale, nullptr, bias);
+      st += n;
+    }
+  }, nt);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,6 +322,29 @@ W4Layout w4_layout(const at::Tensor& w, const at::Tensor& s, const c10::optional
                   gs / 8};
 }
 
+// Prefill where the processor has AVX512-BF16: W dequantized to bf16 in column chunks (about
+// 2 MiB, so the GEMM reads them from L2), then torch's bf16 GEMM (oneDNN; AMX tiles where present) on xb [M, K] bf16, several
+// times faster there than the fp32 GEMM. Columns of out (fp32) get * row_scale [M, 1] (if
+// defined) + bias. The only rounding besides fp32 sums: each dequantized weight to bf16.
+void w4_gemm_bf16(const W4Layout& L, int64_t NS, int64_t N, const at::Tensor& xb, const at::Tensor& row_scale,
+                  const at::Tensor& bias, at::Tensor& out) {
+  const int64_t K = L.K8 * 8;
+  const int64_t chunk_st = std::max<int64_t>(1, (int64_t{2} << 20) / (K * 2 * ST));  // L2-sized chunks
+  const int64_t ldd = std::min(NS, chunk_st) * ST;
+  at::Tensor buf = at::empty({K, ldd}, xb.options());  // [K, chunk columns]
+  uint16_t* bp = reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>());
+  for (int64_t st = 0; st < NS; st += chunk_st) {
+    const int64_t se = std::min(NS, st + chunk_st), n0 = st * ST, n1 = std::min(N, se * ST);
+    at::parallel_for(st, se, 1, [&](int64_t b, int64_t e) {
+      qvlm::avx512::w4_dequant_bf16(L, b, e, bp + (b - st) * ST, ldd);
+    });
+    at::Tensor y = at::mm(xb, buf.narrow(1, 0, n1 - n0)).to(at::kFloat);
+    if (row_scale.defined()) y.mul_(row_scale);
+    if (bias.defined()) y.add_(bias.narrow(0, n0, n1 - n0));
+    out.narrow(1, n0, n1 - n0).copy_(y);
+  }
+}
+
 at::Tensor finish(at::Tensor out32, const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
 }
@@ -347,6 +387,10 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
   at::Tensor out = at::empty({M, N}, in.x.options());
   if (M == 0) return finish(out, x_in);
 
+  if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
+    w4_gemm_bf16(L, NS, N, x_in.contiguous(), at::Tensor(), in.bias, out);
+    return finish(out, x_in);
+  }
   if (M >= gemm_min_rows) {
     // Prefill: dequantize column chunks (about 16 MiB of fp32) and use torch's fp32 GEMM,
     // much faster than bf16 GEMM on CPUs without AVX512-BF16/AMX.
@@ -413,6 +457,15 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
         for (int64_t k = 0; k < K; ++k) go[(k / gs) * XS] += xp[m * K + k];
       }
     });
+    if (M == 1) {
+      run_row(NS, op, N, nullptr, in.bp, [&](int64_t st, float* tile, bool several) {
+        if (several)
+          qvlm::avx512::w4a16_bf16_row(L, st, xb.data(), gsum.data(), tile);
+        else
+          qvlm::avx512::w4a16_bf16_tile(L, st, 1, 1, xb.data(), gsum.data(), tile);
+      });
+      return finish(out, x_in);
+    }
     run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
       alignas(64) float tile[RB * ST];
       qvlm::avx512::w4a16_bf16_tile(L, st, rows, static_cast<int>(XS), xb.data() + b * K8 * 4 * XS,
@@ -550,7 +603,7 @@ W4A8Fn w4a8_fn(int rows, int xs) {
 
 at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
                        const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& bias_in, int64_t N,
-                       int64_t group_size) {
+                       int64_t group_size, int64_t gemm_min_rows) {
   const Inputs in = inputs(x_in, bias_in, N);
   const int64_t M = in.M, K = in.K;
   const W4Layout L = w4_layout(w, s, z, K, group_size);
@@ -558,6 +611,29 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   TORCH_CHECK(NS * ST >= N, "qvlm_cpu: N larger than the packed weight");
   at::Tensor out = at::empty({M, N}, in.x.options());
   if (M == 0) return finish(out, x_in);
+
+  if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
+    // Prefill: the per-token codes (exact in bf16) times bf16-dequantized weights, then the
+    // token scales.
+    at::Tensor xqb = at::empty({M, K}, x_in.options());
+    at::Tensor xs = at::empty({M, 1}, in.x.options());
+    uint16_t* qp = reinterpret_cast<uint16_t*>(xqb.data_ptr<at::BFloat16>());
+    const float* xp = in.x.data_ptr<float>();
+    float* sp = xs.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m)
+        sp[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* q) {
+          for (int64_t j = 0; j < 8 && k0 + j < K; ++j) {
+            const float f = static_cast<float>(q[j]);
+            uint32_t bits;
+            std::memcpy(&bits, &f, 4);
+            qp[m * K + k0 + j] = static_cast<uint16_t>(bits >> 16);  // |q| <= 128: exact
+          }
+        });
+    });
+    w4_gemm_bf16(L, NS, N, xqb, xs, in.bias, out);
+    return finish(out, x_in);
+  }
 
   const int64_t nblk = (M + RB - 1) / RB, XS = row_stride(M);
   std::vector<int8_t> xq(nblk * K8 * XS * 8, 0);
@@ -577,6 +653,15 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   });
   float* op = out.data_ptr<float>();
   const bool avx512 = use_avx512();
+  if (avx512 && M == 1) {
+    run_row(NS, op, N, xscale.data(), in.bp, [&](int64_t st, float* tile, bool several) {
+      if (several)
+        qvlm::avx512::w4a8_row(L, st, xq.data(), qsum.data(), tile);
+      else
+        qvlm::avx512::w4a8_tile(L, st, 1, 1, xq.data(), qsum.data(), tile);
+    });
+    return finish(out, x_in);
+  }
   run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
     alignas(64) float tile[RB * ST];
     if (avx512)
@@ -705,7 +790,7 @@ std::tuple<at::Tensor, at::Tensor> quant_per_token(const at::Tensor& x_in) {
 
 TORCH_LIBRARY(qvlm_cpu, m) {
   m.def("w4a16_linear(Tensor x, Tensor w, Tensor s, Tensor? z, Tensor? bias, int n, int group_size, int gemm_min_rows) -> Tensor");
-  m.def("w4a8_linear(Tensor x, Tensor w, Tensor s, Tensor? z, Tensor? bias, int n, int group_size) -> Tensor");
+  m.def("w4a8_linear(Tensor x, Tensor w, Tensor s, Tensor? z, Tensor? bias, int n, int group_size, int gemm_min_rows) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int n) -> Tensor");
   m.def("quant_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("isa(str want) -> str", &isa);  // no tensor arguments: one implementation for every key

@@ -23,11 +23,21 @@ namespace avx512 {
 // bf16 activations as pairs (x[8i+j], x[8i+j+4]), j = 0..3: uint32 [K8][4][xs]; gsum [G][xs].
 void w4a16_bf16_tile(const W4Layout& L, int64_t st, int rows, int xs, const uint32_t* xp, const float* gsum,
                      float* out);
+// One token row (xs = 1), supertiles [st, st + kRowSupertiles) at once; out: [kRowSupertiles][RB][16].
+// (Measured on a Sapphire Rapids core, one thread, 4096 x 11008: 4 streams 0.68x the time of one.)
+constexpr int kRowSupertiles = 4;
+void w4a16_bf16_row(const W4Layout& L, int64_t st, const uint32_t* xp, const float* gsum, float* out);
 // int8 activations as in the AVX2 kernel: [K8][xs][8 bytes ordered x0 x2 x4 x6 x1 x3 x5 x7]; qsum [G][xs].
 void w4a8_tile(const W4Layout& L, int64_t st, int rows, int xs, const int8_t* xq, const int32_t* qsum,
                float* out);
+// One token row (xs = 1), supertiles [st, st + kRowSupertiles); out: [kRowSupertiles][RB][16].
+void w4a8_row(const W4Layout& L, int64_t st, const int8_t* xq, const int32_t* qsum, float* out);
 // w: one int8 supertile [KP][32] (KP even); xq: activations + 128 as uint8, [KP/2][xs][4 bytes].
 void w8a8_tile(const int8_t* w, int64_t KP, int rows, int xs, const uint8_t* xq, float* out);
+
+// Dequantize supertiles [st0, st1) to bf16 W columns: dst [K][ldd] (bf16 bits), supertile st in
+// columns [(st - st0) * 16, +16).
+void w4_dequant_bf16(const W4Layout& L, int64_t st0, int64_t st1, uint16_t* dst, int64_t ldd);
 
 // AMX (AMX-TILE + AMX-BF16): whether this process may use the tile registers (asks Linux once).
 bool amx_enable();

@@ -72,6 +72,7 @@ struct Tile4 {
   const int32_t* w;
   const uint16_t* s;
   const uint8_t* z;  // nullptr: implicit zero 8
+  Tile4() = default;
   Tile4(const W4Layout& L, int64_t st)
       : w(L.w + st * L.K8 * ST), s(L.s + st * L.G * ST), z(L.z ? L.z + st * L.G * ST : nullptr) {}
 };
@@ -82,70 +83,89 @@ inline void zero_tile(float* out) {
 }
 
 // ---- w4a16, bf16 activations --------------------------------------------------------------
-template <int MR, int XS>
+// MR token rows x NT supertiles side by side (NT > 1 only for one row: several weight streams in
+// flight keep a single token's pass closer to the memory rate). out: [NT][RB][16].
+template <int MR, int XS, int NT = 1>
 __attribute__((flatten)) void w4a16_bf16(const W4Layout& L, int64_t st, const uint32_t* xp, const float* gsum,
                                          float* out) {
-  zero_tile<MR>(out);
-  const Tile4 t(L, st);
+  static_assert(NT == 1 || MR == 1);
+  unroll<NT>([&](auto n) { zero_tile<MR>(out + n * RB * ST); });
+  Tile4 t[NT];
+  for (int n = 0; n < NT; ++n) t[n] = Tile4(L, st + n);
   const __m512i mask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
   for (int64_t g = 0; g < L.G; ++g) {
     const int64_t kb = g * L.gw, ke = min64(L.K8, kb + L.gw);
-    __m512 acc[MR * 4];
-    unroll<MR * 4>([&](auto i) { acc[i] = _mm512_setzero_ps(); });
+    __m512 acc[NT * MR * 4];
+    unroll<NT * MR * 4>([&](auto i) { acc[i] = _mm512_setzero_ps(); });
     for (int64_t k8 = kb; k8 < ke; ++k8) {
-      const __m512i q = _mm512_loadu_si512(t.w + k8 * ST);
-      _mm_prefetch(reinterpret_cast<const char*>(t.w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
       const uint32_t* xk = xp + k8 * 4 * XS;
-      unroll<4>([&](auto j) {
-        const __m512i sh = j == 0 ? q : _mm512_srli_epi32(q, 4 * j);
-        const __m512i b = _mm512_ternarylogic_epi32(sh, mask, bias, 0xEA);  // (sh & mask) | bias
-        unroll<MR>([&](auto m) {
-          const __m512i xb = _mm512_set1_epi32(static_cast<int>(xk[j * XS + m]));
-          acc[m * 4 + j] = _mm512_dpbf16_ps(acc[m * 4 + j], (__m512bh)b, (__m512bh)xb);
+      unroll<NT>([&](auto n) {
+        const __m512i q = _mm512_loadu_si512(t[n].w + k8 * ST);
+        _mm_prefetch(reinterpret_cast<const char*>(t[n].w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
+        unroll<4>([&](auto j) {
+          const __m512i sh = j == 0 ? q : _mm512_srli_epi32(q, 4 * j);
+          const __m512i b = _mm512_ternarylogic_epi32(sh, mask, bias, 0xEA);  // (sh & mask) | bias
+          unroll<MR>([&](auto m) {
+            const __m512i xb = _mm512_set1_epi32(static_cast<int>(xk[j * XS + m]));
+            constexpr int i = (n * MR + m) * 4 + j;
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)b, (__m512bh)xb);
+          });
         });
       });
     }
-    const __m512 s = load_h16(t.s + g * ST);
-    const __m512 off = _mm512_add_ps(t.z ? load_z16(t.z + g * ST) : _mm512_set1_ps(8.f), _mm512_set1_ps(128.f));
-    const __m512 zs = _mm512_mul_ps(s, off);
-    unroll<MR>([&](auto m) {
-      const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m * 4], acc[m * 4 + 1]),
-                                     _mm512_add_ps(acc[m * 4 + 2], acc[m * 4 + 3]));
-      float* o = out + m * ST;
-      const __m512 tot = _mm512_fmadd_ps(a, s, _mm512_loadu_ps(o));
-      _mm512_storeu_ps(o, _mm512_fnmadd_ps(zs, _mm512_set1_ps(gsum[g * XS + m]), tot));
+    unroll<NT>([&](auto n) {
+      const __m512 s = load_h16(t[n].s + g * ST);
+      const __m512 off =
+          _mm512_add_ps(t[n].z ? load_z16(t[n].z + g * ST) : _mm512_set1_ps(8.f), _mm512_set1_ps(128.f));
+      const __m512 zs = _mm512_mul_ps(s, off);
+      unroll<MR>([&](auto m) {
+        constexpr int i = (n * MR + m) * 4;
+        const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[i], acc[i + 1]), _mm512_add_ps(acc[i + 2], acc[i + 3]));
+        float* o = out + n * RB * ST + m * ST;
+        const __m512 tot = _mm512_fmadd_ps(a, s, _mm512_loadu_ps(o));
+        _mm512_storeu_ps(o, _mm512_fnmadd_ps(zs, _mm512_set1_ps(gsum[g * XS + m]), tot));
+      });
     });
   }
 }
 
 // ---- w4a8 -----------------------------------------------------------------------------------
-template <int MR, int XS>
+// MR token rows x NT supertiles (NT > 1 only for one row, as for w4a16). out: [NT][RB][16].
+template <int MR, int XS, int NT = 1>
 __attribute__((flatten)) void w4a8(const W4Layout& L, int64_t st, const int8_t* xq, const int32_t* qsum,
                                    float* out) {
-  zero_tile<MR>(out);
-  const Tile4 t(L, st);
+  static_assert(NT == 1 || MR == 1);
+  unroll<NT>([&](auto n) { zero_tile<MR>(out + n * RB * ST); });
+  Tile4 t[NT];
+  for (int n = 0; n < NT; ++n) t[n] = Tile4(L, st + n);
   const __m512i lowmask = _mm512_set1_epi32(0x0F0F0F0F);
   for (int64_t g = 0; g < L.G; ++g) {
     const int64_t kb = g * L.gw, ke = min64(L.K8, kb + L.gw);
-    __m512i acc[MR * 2];
-    unroll<MR * 2>([&](auto i) { acc[i] = _mm512_setzero_si512(); });
+    __m512i acc[NT * MR * 2];
+    unroll<NT * MR * 2>([&](auto i) { acc[i] = _mm512_setzero_si512(); });
     for (int64_t k8 = kb; k8 < ke; ++k8) {
-      const __m512i q = _mm512_loadu_si512(t.w + k8 * ST);
-      _mm_prefetch(reinterpret_cast<const char*>(t.w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
-      const __m512i lo = _mm512_and_si512(q, lowmask), hi = _mm512_and_si512(_mm512_srli_epi32(q, 4), lowmask);
       const int8_t* xk = xq + k8 * XS * 8;
-      unroll<MR>([&](auto m) {
-        acc[m * 2] = _mm512_dpbusd_epi32(acc[m * 2], lo, _mm512_set1_epi32(load_i32(xk + m * 8)));
-        acc[m * 2 + 1] = _mm512_dpbusd_epi32(acc[m * 2 + 1], hi, _mm512_set1_epi32(load_i32(xk + m * 8 + 4)));
+      unroll<NT>([&](auto n) {
+        const __m512i q = _mm512_loadu_si512(t[n].w + k8 * ST);
+        _mm_prefetch(reinterpret_cast<const char*>(t[n].w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
+        const __m512i lo = _mm512_and_si512(q, lowmask), hi = _mm512_and_si512(_mm512_srli_epi32(q, 4), lowmask);
+        unroll<MR>([&](auto m) {
+          constexpr int i = (n * MR + m) * 2;
+          acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(load_i32(xk + m * 8)));
+          acc[i + 1] = _mm512_dpbusd_epi32(acc[i + 1], hi, _mm512_set1_epi32(load_i32(xk + m * 8 + 4)));
+        });
       });
     }
-    const __m512 s = load_h16(t.s + g * ST);
-    const __m512i zv = t.z ? load_z16i(t.z + g * ST) : _mm512_set1_epi32(8);
-    unroll<MR>([&](auto m) {
-      const __m512i a = _mm512_sub_epi32(_mm512_add_epi32(acc[m * 2], acc[m * 2 + 1]),
-                                         _mm512_mullo_epi32(zv, _mm512_set1_epi32(qsum[g * XS + m])));
-      float* o = out + m * ST;
-      _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, _mm512_loadu_ps(o)));
+    unroll<NT>([&](auto n) {
+      const __m512 s = load_h16(t[n].s + g * ST);
+      const __m512i zv = t[n].z ? load_z16i(t[n].z + g * ST) : _mm512_set1_epi32(8);
+      unroll<MR>([&](auto m) {
+        constexpr int i = (n * MR + m) * 2;
+        const __m512i a = _mm512_sub_epi32(_mm512_add_epi32(acc[i], acc[i + 1]),
+                                           _mm512_mullo_epi32(zv, _mm512_set1_epi32(qsum[g * XS + m])));
+        float* o = out + n * RB * ST + m * ST;
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, _mm512_loadu_ps(o)));
+      });
     });
   }
 }
@@ -269,6 +289,35 @@ void w4a16_bf16_tile(const W4Layout& L, int64_t st, int rows, int xs, const uint
     case 3: return w4a16_bf16<3, RB>(L, st, xp, gsum, out);
     default: return w4a16_bf16<4, RB>(L, st, xp, gsum, out);
   }
+}
+
+void w4_dequant_bf16(const W4Layout& L, int64_t st0, int64_t st1, uint16_t* dst, int64_t ldd) {
+  // Row-major order (8 K rows at a time across all the supertiles), so each output row is
+  // written contiguously.
+  const __m512i m4 = _mm512_set1_epi32(0xF);
+  for (int64_t k8 = 0; k8 < L.K8; ++k8) {
+    const int64_t g = k8 / L.gw;
+    for (int64_t st = st0; st < st1; ++st) {
+      const Tile4 t(L, st);
+      const __m512 s = load_h16(t.s + g * ST);
+      const __m512 zs = _mm512_mul_ps(s, t.z ? load_z16(t.z + g * ST) : _mm512_set1_ps(8.f));
+      const __m512i q = _mm512_loadu_si512(t.w + k8 * ST);
+      uint16_t* col = dst + (st - st0) * ST;
+      unroll<8>([&](auto j) {
+        const __m512i c = _mm512_and_si512(j == 0 ? q : _mm512_srli_epi32(q, 4 * j), m4);
+        const __m256bh b = _mm512_cvtneps_pbh(_mm512_fmsub_ps(_mm512_cvtepi32_ps(c), s, zs));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(col + (k8 * 8 + j) * ldd), (__m256i)b);
+      });
+    }
+  }
+}
+
+void w4a16_bf16_row(const W4Layout& L, int64_t st, const uint32_t* xp, const float* gsum, float* out) {
+  w4a16_bf16<1, 1, kRowSupertiles>(L, st, xp, gsum, out);
+}
+
+void w4a8_row(const W4Layout& L, int64_t st, const int8_t* xq, const int32_t* qsum, float* out) {
+  w4a8<1, 1, kRowSupertiles>(L, st, xq, qsum, out);
 }
 
 void w4a8_tile(const W4Layout& L, int64_t st, int rows, int xs, const int8_t* xq, const int32_t* qsum,

@@ -294,7 +294,7 @@ class CpuAmxW4A8Backend(Backend):
         return y.reshape(*x.shape[:-1], p.out_features)
 
 
-# ---- qvlm's own CPU kernels (kernels/csrc/qvlm_cpu.cpp, AVX2/FMA/F16C) ----------------------
+# ---- qvlm's own CPU kernels (kernels/csrc: AVX2/FMA/F16C, AVX-512 VNNI/BF16, AMX) ----------
 
 _SUPERTILE = 16  # output columns per contiguous weight tile in the C++ kernels
 
@@ -337,18 +337,20 @@ def _flat2d(x: torch.Tensor) -> torch.Tensor:
 
 
 class QvlmCpuW4A16Backend(Backend):
-    """qvlm's AVX2 int4 kernel, 16-bit (or fp32) activations used as they are, fp32 accumulation.
+    """qvlm's int4 kernel, 16-bit (or fp32) activations used as they are, fp32 accumulation.
 
-    Decodes nibbles in registers (fp32 FMA, 4 token rows per weight pass, the weight
-    streamed once per 16 rows); from ``gemm_min_rows`` tokens on it dequantizes column
-    chunks to fp32 and runs torch's fp32 GEMM instead (about as fast there, measured on
-    an AVX2 EPYC; both are ~7x faster than bf16 GEMM on CPUs without AVX512-BF16/AMX).
+    The kernel library picks the instruction set at run time (see cpu_ext). AVX2: nibbles
+    decoded in registers (fp32 FMA, 4 token rows per weight pass, the weight streamed once
+    per 16 rows); from ``gemm_min_rows`` tokens on (256 by default) column chunks are
+    dequantized to fp32 for torch's fp32 GEMM (~7x faster than bf16 GEMM on CPUs without
+    AVX512-BF16/AMX). AVX-512 with bf16 activations: ``vdpbf16ps`` on the exact bf16 values;
+    with AMX, tile products from 3 token rows and a bf16-dequantized AMX GEMM from 17.
     """
 
     name = "qvlm_cpu_w4a16"
     act_mode = "none"
     act_dtypes = (torch.bfloat16, torch.float16, torch.float32)
-    gemm_min_rows = 256
+    gemm_min_rows = -1  # -1: the kernel library's default for this processor and dtype
 
     @classmethod
     def supports(cls, spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
@@ -382,7 +384,11 @@ class QvlmCpuW4A16Backend(Backend):
 
 
 class QvlmCpuW4A8Backend(QvlmCpuW4A16Backend):
-    """qvlm's AVX2 int4 x dynamic per-token int8 kernel: exact int32 per group (maddubs)."""
+    """qvlm's int4 x dynamic per-token int8 kernel: exact int32 per group (AVX2 maddubs, AVX-512 VNNI).
+
+    Prompts (``gemm_min_rows``) run the per-token codes (exact in bf16) through the bf16 GEMM
+    on bf16-dequantized weights where the processor has AVX512-BF16 (AMX tiles where present).
+    """
 
     name = "qvlm_cpu_w4a8"
     act_mode = "int8_dynamic"
@@ -396,7 +402,7 @@ class QvlmCpuW4A8Backend(QvlmCpuW4A16Backend):
 
 
 class QvlmCpuW8A8Backend(Backend):
-    """qvlm's AVX2 int8 per-channel x dynamic per-token int8 kernel: exact int32 (madd_epi16)."""
+    """qvlm's int8 per-channel x dynamic per-token int8 kernel: exact int32 (AVX2 madd_epi16, AVX-512 VNNI)."""
 
     name = "qvlm_cpu_w8a8"
 
@@ -412,7 +418,7 @@ class QvlmCpuW8A8Backend(Backend):
         _require_qvlm_cpu()
         k, n = _shape(qweight, spec)
         n_pad = -(-n // _SUPERTILE) * _SUPERTILE
-        k_pad = k + (k % 2)
+        k_pad = -(-k // 4) * 4  # whole k pairs, an even number of them (the AVX-512 kernel takes two at a time)
         w = (qweight.to(torch.int16) - spec.implicit_zero).to(torch.int8)
         w = F.pad(w, (0, n_pad - n, 0, k_pad - k))  # zero weights in padding
         # [K, N] -> [N/16, K/2, half, column, k-in-pair]: 32 contiguous bytes per k pair.

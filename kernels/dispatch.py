@@ -4,11 +4,19 @@ Order of preference per platform (a backend is used only where it supports the
 layer's scheme, shape and dtype, and the fallback is always correct):
 
 * CUDA: Triton kernels (w4a16, w8a8, w4a8); fake-quant schemes -> dequantized.
-* CPU:  w4a16 and w4a8 -> qvlm's own AVX2 kernels (``qvlm_cpu_w4a16``/``qvlm_cpu_w4a8``,
-        kernels/csrc, built on first use), then vLLM-CPU's ``cpu_gemm_wna16`` (w4a16);
-        w8a8 -> vLLM's oneDNN int8 GEMM where it is exact (the processor has VNNI),
-        else qvlm's ``qvlm_cpu_w8a8``; fake-quant schemes and anything unsupported
-        (no AVX2/FMA/F16C, no compiler) -> dequantized.
+* CPU:  w4a16 and w4a8 -> qvlm's own kernels (``qvlm_cpu_w4a16``/``qvlm_cpu_w4a8``,
+        kernels/csrc, built on first use; AVX2, AVX-512 VNNI/BF16 or AMX chosen at run time),
+        then vLLM-CPU's ``int4_scaled_mm_cpu`` (w4a8, AMX) and ``cpu_gemm_wna16`` (w4a16);
+        w8a8 -> vLLM's AMX int8 GEMM (``int8_scaled_mm_with_quant``), then its oneDNN int8
+        GEMM where it is exact (the processor has VNNI), else ``qvlm_cpu_w8a8``;
+        fake-quant schemes and anything unsupported (no AVX2/FMA/F16C, no compiler) ->
+        dequantized.
+
+  Measured at LLaVA-7B decode shapes, one thread (benchmarks/kernel_bench.py): on a Sapphire
+  Rapids core qvlm's w4a16 is 4x vLLM's ``cpu_gemm_wna16`` and its w4a8 is 5-12% faster than
+  ``int4_scaled_mm_cpu`` at one token (even at 8), while vLLM's AMX int8 GEMM matches qvlm's
+  w8a8 at one token and is 1.5x faster at 8 and at prefill; on an AVX2 EPYC vLLM's int4 op is
+  slower than bf16 and oneDNN int8 is at the bandwidth limit.
 
 ``QVLM_KERNEL=<backend name>`` forces a backend (tests, benchmarks, debugging).
 """
@@ -70,7 +78,8 @@ def select_backend(
         except ImportError:  # no triton: fall through to the dense fallback
             candidates = []
     elif device.type == "cpu":
-        candidates = [QvlmCpuW4A16Backend, QvlmCpuW4A8Backend, CpuWNA16Backend, CpuInt8Backend, QvlmCpuW8A8Backend]
+        candidates = [QvlmCpuW4A16Backend, QvlmCpuW4A8Backend, CpuAmxW4A8Backend, CpuWNA16Backend,
+                      CpuAmxInt8Backend, CpuInt8Backend, QvlmCpuW8A8Backend]
     for b in candidates:
         if b.supports(spec, in_features, out_features, act_dtype):
             return b()

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from qvlm_kernels import cpu_ext, reference
 from qvlm_kernels.backends import (
+    CpuAmxInt8Backend,
     CpuInt8Backend,
     QvlmCpuW4A8Backend,
     QvlmCpuW4A16Backend,
@@ -165,8 +166,9 @@ def test_dispatch_prefers_qvlm_kernels_on_cpu():
     assert select_backend(_spec("w4a16", 128, True), 4096, 4096, torch.bfloat16, "cpu").name == "qvlm_cpu_w4a16"
     assert select_backend(_spec("w4a8", 128, False), 4096, 4096, torch.bfloat16, "cpu").name == "qvlm_cpu_w4a8"
     w8 = select_backend(_spec("w8a8", -1, True), 4096, 4096, torch.bfloat16, "cpu").name
+    amx = CpuAmxInt8Backend.supports(_spec("w8a8", -1, True), 4096, 4096, torch.bfloat16)
     onednn = CpuInt8Backend.supports(_spec("w8a8", -1, True), 4096, 4096, torch.bfloat16)
-    assert w8 == ("cpu_onednn_int8" if onednn else "qvlm_cpu_w8a8")
+    assert w8 == ("cpu_amx_int8" if amx else "cpu_onednn_int8" if onednn else "qvlm_cpu_w8a8")
     # Fake-quant schemes have no integer kernel: dense fallback.
     assert select_backend(_spec("w4a4", 128, True), 4096, 4096, torch.bfloat16, "cpu").name == "dequantized"
 

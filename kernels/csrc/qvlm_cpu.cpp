@@ -345,6 +345,43 @@ void w4_gemm_bf16(const W4Layout& L, int64_t NS, int64_t N, const at::Tensor& xb
   }
 }
 
+// Row-major bf16 pairs (x[8i+j], x[8i+j+4]) of bf16-exact values, the activation layout of
+// the AMX kernels, zero padded by one tile row: [M][lda], lda = K/2 + 16.
+std::vector<uint32_t> amx_pairs(const float* x, int64_t M, int64_t K, int64_t lda) {
+  std::vector<uint32_t> xa(M * lda, 0);
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + m * K);
+      for (int64_t k8 = 0; k8 < K / 8; ++k8)
+        for (int j = 0; j < 4; ++j)
+          xa[m * lda + k8 * 4 + j] = (xr[k8 * 8 + j] >> 16) | (xr[k8 * 8 + j + 4] & 0xFFFF0000u);
+    }
+  });
+  return xa;
+}
+
+// Prefill on AMX: x [M, K] (bf16-exact fp32 values) times bf16-dequantized weights, 80 token
+// rows per pass (the weights stream once per pass), * row_scale (if any) + bias -> out [M, N].
+void w4_gemm_amx(const W4Layout& L, int64_t NS, int64_t N, const float* x, int64_t M, const float* row_scale,
+                 const float* bias, float* out) {
+  const int64_t K = L.K8 * 8, lda = K / 2 + 16;
+  const std::vector<uint32_t> xa = amx_pairs(x, M, K, lda);
+  for (int64_t m0 = 0; m0 < M; m0 += 80) {
+    const int rows = static_cast<int>(std::min<int64_t>(80, M - m0));
+    run_supertiles(NS, [&](int64_t s0, int64_t s1) {
+      const int64_t ldo = (s1 - s0) * ST;
+      std::vector<float> tiles(rows * ldo);
+      qvlm::avx512::w4_gemm_amx(L, s0, s1, rows, xa.data() + m0 * lda, lda, tiles.data(), ldo);
+      const int64_t n0 = s0 * ST, nc = std::min(N, s1 * ST) - n0;
+      for (int r = 0; r < rows; ++r) {
+        const float rs = row_scale ? row_scale[m0 + r] : 1.f;
+        float* o = out + (m0 + r) * N + n0;
+        for (int64_t c = 0; c < nc; ++c) o[c] = tiles[r * ldo + c] * rs + (bias ? bias[n0 + c] : 0.f);
+      }
+    });
+  }
+}
+
 at::Tensor finish(at::Tensor out32, const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
 }
@@ -374,6 +411,15 @@ Inputs inputs(const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in, 
 // Token rows from which the AMX w4a16 kernel beats the AVX-512 one (measured on a Sapphire
 // Rapids core: 1 and 2 rows are faster with vdpbf16ps, 3 and more on tiles).
 constexpr int64_t kAmxMinRows = 3;
+// Default token rows from which a w4 layer runs as a GEMM on dequantized weights (op argument
+// gemm_min_rows = -1): the AMX GEMM (bf16) beats the per-group AMX kernel above 16 rows (same
+// core, 4096 x 11008); elsewhere torch's GEMM pays off for prompts.
+constexpr int64_t kAmxGemmMinRows = 17, kGemmMinRows = 256;
+
+int64_t gemm_rows(int64_t requested, const at::Tensor& x) {
+  if (requested >= 0) return requested;
+  return x.scalar_type() == at::kBFloat16 && use_amx() ? kAmxGemmMinRows : kGemmMinRows;
+}
 
 // x [M, K] (any float dtype) -> y [M, N] in x's dtype.
 at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
@@ -386,7 +432,12 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
   TORCH_CHECK(NS * ST >= N, "qvlm_cpu: N larger than the packed weight");
   at::Tensor out = at::empty({M, N}, in.x.options());
   if (M == 0) return finish(out, x_in);
+  gemm_min_rows = gemm_rows(gemm_min_rows, x_in);
 
+  if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_amx()) {
+    w4_gemm_amx(L, NS, N, in.x.data_ptr<float>(), M, nullptr, in.bp, out.data_ptr<float>());
+    return finish(out, x_in);
+  }
   if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
     w4_gemm_bf16(L, NS, N, x_in.contiguous(), at::Tensor(), in.bias, out);
     return finish(out, x_in);
@@ -415,17 +466,12 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
   if (x_in.scalar_type() == at::kBFloat16 && use_amx() && M >= kAmxMinRows) {
     // Row-major bf16 pairs (x[8i+j], x[8i+j+4]) padded by one tile row, and fp32 group sums
     // [M][G]; 16 token rows per tile pass.
-    const int64_t K8 = K / 8, lda = K8 * 4 + 16;
-    std::vector<uint32_t> xa(M * lda, 0);
+    const int64_t lda = K / 2 + 16;
+    const std::vector<uint32_t> xa = amx_pairs(xp, M, K, lda);
     std::vector<float> gsum(M * G, 0.f);
     at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m) {
-        const uint32_t* xr = reinterpret_cast<const uint32_t*>(xp + m * K);
-        for (int64_t k8 = 0; k8 < K8; ++k8)
-          for (int j = 0; j < 4; ++j)
-            xa[m * lda + k8 * 4 + j] = (xr[k8 * 8 + j] >> 16) | (xr[k8 * 8 + j + 4] & 0xFFFF0000u);
+      for (int64_t m = b; m < e; ++m)
         for (int64_t k = 0; k < K; ++k) gsum[m * G + k / gs] += xp[m * K + k];
-      }
     });
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
       const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
@@ -611,10 +657,24 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   TORCH_CHECK(NS * ST >= N, "qvlm_cpu: N larger than the packed weight");
   at::Tensor out = at::empty({M, N}, in.x.options());
   if (M == 0) return finish(out, x_in);
+  gemm_min_rows = gemm_rows(gemm_min_rows, x_in);
 
-  if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
+  if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_amx()) {
     // Prefill: the per-token codes (exact in bf16) times bf16-dequantized weights, then the
     // token scales.
+    std::vector<float> q(M * K), xs(M);
+    const float* xp = in.x.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m)
+        xs[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* v) {
+          for (int64_t j = 0; j < 8 && k0 + j < K; ++j) q[m * K + k0 + j] = static_cast<float>(v[j]);
+        });
+    });
+    w4_gemm_amx(L, NS, N, q.data(), M, xs.data(), in.bp, out.data_ptr<float>());
+    return finish(out, x_in);
+  }
+  if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
+    // As above, with torch's bf16 GEMM.
     at::Tensor xqb = at::empty({M, K}, x_in.options());
     at::Tensor xs = at::empty({M, 1}, in.x.options());
     uint16_t* qp = reinterpret_cast<uint16_t*>(xqb.data_ptr<at::BFloat16>());

@@ -46,6 +46,11 @@ bool amx_enable();
 // (zero padded); gsum [rows][G]; out: [st1 - st0][16 rows][16] fp32.
 void w4a16_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint32_t* xa, int64_t lda,
                const float* gsum, float* out);
+// Prefill GEMM on AMX tiles with the weights dequantized to bf16 ((code - zero) * scale,
+// rounded), summed in fp32 over all of K: supertiles [st0, st1) x 1..80 token rows.
+// xa as for w4a16_amx; out [rows][ldo] fp32, supertile st in columns [(st - st0) * 16, +16).
+void w4_gemm_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint32_t* xa, int64_t lda,
+                 float* out, int64_t ldo);
 }  // namespace avx512
 
 }  // namespace qvlm

@@ -231,6 +231,67 @@ inline void decode_b(const int32_t* wk, int64_t nl, uint32_t* b) {
   }
 }
 
+
+// GEMM tiles: 0-4 = fp32 sums of up to 5 blocks of 16 token rows (the last, nb - 1, may have
+// fewer), 5 = activations of a full block, 6 = activations of the last block, 7 = weights.
+void load_gemm_tiles(int nb, int last_rows) {
+  alignas(64) TileConfig c = {};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  c.rows[nb - 1] = c.rows[6] = static_cast<uint8_t>(last_rows);  // the last block's sums and activations
+  _tile_loadconfig(&c);
+}
+
+// The tile intrinsics take literal tile numbers: C tile i (0..4) by a switch that folds away.
+#define QVLM_TILE_CASES(STMT) \
+  switch (i) {                \
+    case 0: STMT(0); break;   \
+    case 1: STMT(1); break;   \
+    case 2: STMT(2); break;   \
+    case 3: STMT(3); break;   \
+    default: STMT(4); break;  \
+  }
+inline void c_zero(int i) {
+#define QVLM_Z(T) _tile_zero(T)
+  QVLM_TILE_CASES(QVLM_Z)
+#undef QVLM_Z
+}
+inline void c_store(int i, float* p, int64_t stride) {
+#define QVLM_S(T) _tile_stored(T, p, stride)
+  QVLM_TILE_CASES(QVLM_S)
+#undef QVLM_S
+}
+inline void c_dp_full(int i) {  // C_i += A(5) B(7)
+#define QVLM_D(T) _tile_dpbf16ps(T, 5, 7)
+  QVLM_TILE_CASES(QVLM_D)
+#undef QVLM_D
+}
+inline void c_dp_last(int i) {  // C_i += A(6) B(7)
+#define QVLM_D(T) _tile_dpbf16ps(T, 6, 7)
+  QVLM_TILE_CASES(QVLM_D)
+#undef QVLM_D
+}
+#undef QVLM_TILE_CASES
+
+// One line of a supertile, dequantized ((code - zero) * scale, rounded to bf16), as 4 B-tile
+// rows of pairs (w[8i+j], w[8i+j+4]).
+inline void decode_b_dequant(__m512i q, __m512 s, __m512 zs, uint32_t* b) {
+  const __m512i m4 = _mm512_set1_epi32(0xF);
+  // cvtne2ps gives [16 x lo | 16 x hi]; interleave to (lo_c, hi_c) per column.
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  unroll<4>([&](auto j) {
+    const __m512i cl = _mm512_and_si512(j == 0 ? q : _mm512_srli_epi32(q, 4 * j), m4);
+    const __m512i ch = _mm512_and_si512(_mm512_srli_epi32(q, 4 * j + 16), m4);
+    const __m512 lo = _mm512_fmsub_ps(_mm512_cvtepi32_ps(cl), s, zs);
+    const __m512 hi = _mm512_fmsub_ps(_mm512_cvtepi32_ps(ch), s, zs);
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    _mm512_store_si512(b + j * ST, _mm512_permutexvar_epi16(idx, both));
+  });
+}
 }  // namespace
 
 namespace qvlm::avx512 {
@@ -239,6 +300,52 @@ bool amx_enable() {
   // Linux >= 5.16: a process must ask before using the AMX tile data (ARCH_REQ_XCOMP_PERM,
   // XFEATURE_XTILEDATA); granting it twice is harmless.
   return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+void w4_gemm_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint32_t* xa, int64_t lda,
+                 float* out, int64_t ldo) {
+  const int nb = (rows + 15) / 16, last = rows - (nb - 1) * 16;
+  alignas(64) uint32_t bbuf[2][16 * ST];
+  load_gemm_tiles(nb, last);
+  for (int64_t st = st0; st < st1; ++st) {
+    const Tile4 t(L, st);
+    // 4 lines (32 K rows) from k8 as one weight tile; lines past K are zero.
+    auto decode = [&](int64_t k8, uint32_t* b) {
+      for (int64_t l = 0; l < 4; ++l) {
+        if (k8 + l >= L.K8) {
+          unroll<4>([&](auto j) { _mm512_store_si512(b + (l * 4 + j) * ST, _mm512_setzero_si512()); });
+          continue;
+        }
+        const int64_t g = (k8 + l) / L.gw;
+        const __m512 s = load_h16(t.s + g * ST);
+        const __m512 zs = _mm512_mul_ps(s, t.z ? load_z16(t.z + g * ST) : _mm512_set1_ps(8.f));
+        decode_b_dequant(_mm512_loadu_si512(t.w + (k8 + l) * ST), s, zs, b + l * 4 * ST);
+      }
+      _mm_prefetch(reinterpret_cast<const char*>(t.w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
+    };
+    for (int i = 0; i < nb; ++i) c_zero(i);
+    // Software-pipelined: the weight tile of step n + 1 is written while step n's is multiplied,
+    // so a tile load never waits on stores just issued.
+    decode(0, bbuf[0]);
+    int step = 0;
+    for (int64_t k8 = 0; k8 < L.K8; k8 += 4, ++step) {
+      if (k8 + 4 < L.K8) decode(k8 + 4, bbuf[(step + 1) & 1]);
+      _tile_loadd(7, bbuf[step & 1], 64);
+      for (int i = 0; i < nb; ++i) {
+        const uint32_t* a = xa + i * 16 * lda + k8 * 4;
+        if (i == nb - 1) {
+          _tile_loadd(6, a, lda * 4);
+          c_dp_last(i);
+        } else {
+          _tile_loadd(5, a, lda * 4);
+          c_dp_full(i);
+        }
+      }
+    }
+    float* o = out + (st - st0) * ST;
+    for (int i = 0; i < nb; ++i) c_store(i, o + i * 16 * ldo, ldo * 4);
+  }
+  _tile_release();
 }
 
 void w4a16_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint32_t* xa, int64_t lda,

@@ -181,6 +181,7 @@ class CpuInt8Backend(Backend):
     def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
         return (
             _int8_per_channel_x_int8(spec)
+            and act_dtype in _INT8_ACT_DTYPES  # float32 models keep the reference arithmetic (see below)
             and has_vllm_op("create_onednn_scaled_mm_handler")
             # Without VNNI, oneDNN's u8*s8 path sums products pairwise in int16 and
             # saturates on full-range int8 weights (measured: 15% error here).

@@ -405,6 +405,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile",
+              "amx_bf16", "amx_int8")
+
+
+def _cpu_features() -> list[str]:
+    """The instruction-set flags that decide which CPU kernels run (from /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in _ISA_FLAGS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -511,8 +527,8 @@ def run_bench(
                      + (", lm_head too" if quantize_lm_head else ", lm_head stays bf16")
                      + "; vision tower and projector stay bf16"),
         },
-        "machine": {"cpu": _cpu_name(), "usable_cpus": _usable_cpus(), "threads": threads,
-                    "bandwidth": bw, "python": platform.python_version()},
+        "machine": {"cpu": _cpu_name(), "cpu_features": _cpu_features(), "usable_cpus": _usable_cpus(),
+                    "threads": threads, "bandwidth": bw, "python": platform.python_version()},
         "settings": {"batch_sizes": batch_sizes, "decode_tokens": decode_tokens, "repeats": repeats,
                      "ttft_repeats": ttft_repeats, "max_model_len": max_model_len, "dtype": "bfloat16",
                      "decode_prompts": "short text-only prompts (no image), ignore_eos",

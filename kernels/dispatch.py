@@ -13,10 +13,10 @@ layer's scheme, shape and dtype, and the fallback is always correct):
         dequantized.
 
   Measured at LLaVA-7B decode shapes, one thread (benchmarks/kernel_bench.py): on a Sapphire
-  Rapids core qvlm's w4a16 is 4x vLLM's ``cpu_gemm_wna16`` and its w4a8 is 5-12% faster than
-  ``int4_scaled_mm_cpu`` at one token (even at 8), while vLLM's AMX int8 GEMM matches qvlm's
-  w8a8 at one token and is 1.5x faster at 8 and at prefill; on an AVX2 EPYC vLLM's int4 op is
-  slower than bf16 and oneDNN int8 is at the bandwidth limit.
+  Rapids core qvlm's w4a16 is 4.7-5.3x vLLM's ``cpu_gemm_wna16`` at one token and its w4a8
+  26-34% faster than ``int4_scaled_mm_cpu`` (within 8% at 8 tokens), while vLLM's AMX int8
+  GEMM is about as fast as qvlm's w8a8 at one token and 1.5x faster at 8 and at prefill; on an
+  AVX2 EPYC vLLM's int4 op is slower than bf16 and oneDNN int8 is at the bandwidth limit.
 
 ``QVLM_KERNEL=<backend name>`` forces a backend (tests, benchmarks, debugging).
 """

@@ -6,7 +6,7 @@
 # *test* questions (KL to the float model, top-1 agreement, accuracy).
 # With ABLATIONS=1 it also runs the ablations of the search on ABLATION_SCHEME (w4a16):
 # fixed 1-layer blocks, fixed 2-layer blocks, no rounding search (sequential GPTQ only),
-# the visual stage on.
+# and that with the visual stage on.
 # Models already written are kept, and `qvlm compare` caches every model's measurement
 # in WORKDIR/compare, so an interrupted run resumes where it stopped.
 # Env: NUM_SAMPLES (128), ITERS (qvlm steps per block, 40), QUESTIONS (300),
@@ -49,6 +49,6 @@ if [ "${ABLATIONS:-0}" = 1 ]; then
   quantize "$W/$a-qvlm-1layer" "$a" qvlm "${calib[@]}" --iters "$ITERS" --max-block-layers 1
   quantize "$W/$a-qvlm-fixed2" "$a" qvlm "${calib[@]}" --iters "$ITERS" --partition fixed --max-block-layers 2
   quantize "$W/$a-qvlm-nosearch" "$a" qvlm "${calib[@]}" --iters 0
-  quantize "$W/$a-qvlm-vision" "$a" qvlm "${calib[@]}" --iters "$ITERS" --optimize-vision
+  quantize "$W/$a-qvlm-nosearch-vision" "$a" qvlm "${calib[@]}" --iters 0 --optimize-vision
 fi
 qvlm compare "$W/fp" "${models[@]}" --questions "$Q" --workdir "$W/compare" --json "$W/compare.json"

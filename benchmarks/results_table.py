@@ -25,6 +25,9 @@ def _time_file(path: Path) -> dict:
     if m:
         parts = [float(p) for p in m.group(1).split(":")]
         out["wall_s"] = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
+    if cpu:
+        out["cpu_s"] = sum(cpu)  # robust to a shared machine, unlike wall time
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     if m:
         out["peak_rss_gb"] = int(m.group(1)) * 1024 / 1e9
@@ -62,12 +65,14 @@ def tables(data: dict) -> str:
     schemes = list(dict.fromkeys(r["scheme"] for r in data["rows"].values()))
     for s in schemes:
         rows = {k: r for k, r in data["rows"].items() if r["scheme"] == s}
-        out += [f"### {s}", "", "| model | KL(fp‖q) | top-1 agreement | easy-VQA acc. | quantize wall | peak RSS |",
-                "|---|---|---|---|---|---|"]
+        out += [f"### {s}", "",
+                "| model | KL(fp‖q) | top-1 agreement | easy-VQA acc. | quantize CPU time | wall | peak RSS |",
+                "|---|---|---|---|---|---|---|"]
         for k, r in rows.items():
             rss = f"{r['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in r else ""
             out.append(f"| {r['variant']} | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% | "
-                       f"{100 * r['accuracy']:.1f}% | {_fmt_time(r.get('wall_s'))} | {rss} |")
+                       f"{100 * r['accuracy']:.1f}% | {_fmt_time(r.get('cpu_s'))} | "
+                       f"{_fmt_time(r.get('wall_s'))} | {rss} |")
         base = {v: rows.get(f"{s}-{v}") for v in ("rtn", "gptq", "qvlm")}
         if all(base.values()):
             q = base["qvlm"]

@@ -395,14 +395,19 @@ def _run_child(task: str, job: dict, workdir: Path, name: str, threads: int, tim
 # ----------------------------------------------------------------------------- orchestration
 
 
-def _cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field : value`` line of /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 _ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile",
@@ -410,15 +415,9 @@ _ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_
 
 
 def _cpu_features() -> list[str]:
-    """The instruction-set flags that decide which CPU kernels run (from /proc/cpuinfo)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in _ISA_FLAGS if f in flags]
-    except OSError:
-        pass
-    return []
+    """The instruction-set flags that decide which CPU kernels run."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [f for f in _ISA_FLAGS if f in flags]
 
 
 def _usable_cpus() -> int:

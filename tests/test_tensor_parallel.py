@@ -24,14 +24,13 @@ _W8A8_TP = pytest.mark.xfail(
     strict=False)
 
 
-@pytest.mark.parametrize("name", ["w4a16-g32", pytest.param("w8a8-vision", marks=_W8A8_TP)])
-def test_tp2_matches_tp1(tmp_path, name):
+@pytest.mark.parametrize("export_kw", [
+    pytest.param({"scheme": "w4a16", "group_size": 32}, id="w4a16-g32"),
+    pytest.param({"scheme": "w8a8", "quantize_vision": True}, id="w8a8-vision", marks=_W8A8_TP),
+])
+def test_tp2_matches_tp1(tmp_path, export_kw):
     src = build_tiny_llava(tmp_path / "src")  # intermediate 704: row shards of 352 rows
-    model = {
-        "w4a16-g32": lambda: export_checkpoint(src, tmp_path / "w4", scheme="w4a16", group_size=32, progress=False),
-        "w8a8-vision": lambda: export_checkpoint(src, tmp_path / "w8", scheme="w8a8", quantize_vision=True,
-                                                 progress=False),
-    }[name]().out_dir
+    model = export_checkpoint(src, tmp_path / "q", progress=False, **export_kw).out_dir
     jobs = [{"model": str(model), "n_prompts": 2, "max_tokens": 8, "tensor_parallel_size": tp} for tp in (1, 2)]
     tp1, tp2 = run_jobs(jobs, tmp_path / "run", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    assert [o["token_ids"] for o in tp2["outputs"]] == [o["token_ids"] for o in tp1["outputs"]], name
+    assert [o["token_ids"] for o in tp2["outputs"]] == [o["token_ids"] for o in tp1["outputs"]], export_kw

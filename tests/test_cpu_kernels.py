@@ -192,6 +192,23 @@ def test_amx_row_blocks(isa):
         _check("w4a16", 32, True, 256, 17, m, torch.bfloat16, False)
 
 
+@pytest.mark.parametrize("scheme,gs,sym", [("w4a16", 128, False), ("w4a8", 64, True)])
+def test_prefill_gemm_blocks(scheme, gs, sym):
+    """Prompt-sized calls around the prefill GEMM's blocking (any level: same reference).
+
+    Rows: one and two 16-row tiles, a 32-row block plus a 16-row tail; K = 1040 spans two K
+    chunks and ends mid-tile; N = 600 is 38 supertiles, so 3 panels of which the last is odd.
+    Large calls before small ones reuse the per-thread scratch buffers; two threads split panels.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for m in (300, 17, 48, 32, 100, 16):
+            _check(scheme, gs, sym, 1040, 600, m, torch.bfloat16, m % 2 == 0, gemm_min_rows=1, seed=m)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_unavailable_reason_when_disabled(monkeypatch):
     monkeypatch.setenv("QVLM_CPU_KERNELS", "0")
     assert "QVLM_CPU_KERNELS=0" in cpu_ext._load()

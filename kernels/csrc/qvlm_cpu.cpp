@@ -28,7 +28,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -360,26 +362,61 @@ std::vector<uint32_t> amx_pairs(const float* x, int64_t M, int64_t K, int64_t ld
   return xa;
 }
 
-// Prefill on AMX: x [M, K] (bf16-exact fp32 values) times bf16-dequantized weights, 80 token
-// rows per pass (the weights stream once per pass), * row_scale (if any) + bias -> out [M, N].
-void w4_gemm_amx(const W4Layout& L, int64_t NS, int64_t N, const float* x, int64_t M, const float* row_scale,
-                 const float* bias, float* out) {
-  const int64_t K = L.K8 * 8, lda = K / 2 + 16;
-  const std::vector<uint32_t> xa = amx_pairs(x, M, K, lda);
-  for (int64_t m0 = 0; m0 < M; m0 += 80) {
-    const int rows = static_cast<int>(std::min<int64_t>(80, M - m0));
-    run_supertiles(NS, [&](int64_t s0, int64_t s1) {
-      const int64_t ldo = (s1 - s0) * ST;
-      std::vector<float> tiles(rows * ldo);
-      qvlm::avx512::w4_gemm_amx(L, s0, s1, rows, xa.data() + m0 * lda, lda, tiles.data(), ldo);
-      const int64_t n0 = s0 * ST, nc = std::min(N, s1 * ST) - n0;
-      for (int r = 0; r < rows; ++r) {
-        const float rs = row_scale ? row_scale[m0 + r] : 1.f;
-        float* o = out + (m0 + r) * N + n0;
-        for (int64_t c = 0; c < nc; ++c) o[c] = tiles[r * ldo + c] * rs + (bias ? bias[n0 + c] : 0.f);
+// A per-thread buffer reused across calls: a prefill GEMM's megabytes of scratch would
+// otherwise be fresh pages on every call (measured: page faults took up to 3 ms of a 25 ms
+// 588 x 4096 x 4096 call). Buffers above kScratchKeep are freed when the Scratch goes.
+class Scratch {
+ public:
+  static constexpr size_t kScratchKeep = size_t{64} << 20;
+  Scratch(int slot, size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes > kScratchKeep) {
+      p_ = own_ = std::aligned_alloc(64, bytes);
+    } else {
+      thread_local Buf bufs[2];
+      Buf& b = bufs[slot];
+      if (b.n < bytes) {
+        std::free(b.p);
+        b.p = std::aligned_alloc(64, bytes);
+        b.n = b.p ? bytes : 0;
       }
-    });
+      p_ = b.p;
+    }
+    TORCH_CHECK(p_, "qvlm_cpu: out of memory for ", bytes, " bytes of scratch");
   }
+  ~Scratch() { std::free(own_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <typename T>
+  T* get() const { return static_cast<T*>(p_); }
+
+ private:
+  struct Buf {
+    void* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  void* p_ = nullptr;
+  void* own_ = nullptr;
+};
+
+// Prefill on AMX: x bf16 [M, K] times bf16-dequantized weights, * row_scale (if any) + bias
+// -> out bf16 [M, N]. Threads take panels of 16 supertiles; each panel's weights are decoded
+// once per call and reused by all M rows.
+void w4_gemm_amx(const W4Layout& L, int64_t NS, int64_t N, const uint16_t* x, int64_t M, const float* row_scale,
+                 const float* bias, uint16_t* out) {
+  const int64_t K = L.K8 * 8, blocks = (M + 15) / 16, ksteps = (L.K8 + 3) / 4;
+  const Scratch xa(0, blocks * ksteps * 16 * ST * sizeof(uint32_t));
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    qvlm::avx512::amx_pack_a(x, M, K, b, e, xa.get<uint32_t>());
+  });
+  run_supertiles(NS, [&](int64_t s0, int64_t s1) {
+    const int64_t ldo = (s1 - s0) * ST, n0 = s0 * ST;
+    const Scratch tiles(1, blocks * 16 * ldo * sizeof(float));
+    qvlm::avx512::w4_gemm_amx(L, s0, s1, blocks * 16, xa.get<uint32_t>(), tiles.get<float>(), ldo);
+    qvlm::avx512::gemm_store_bf16(tiles.get<float>(), ldo, M, std::min(N, s1 * ST) - n0, row_scale,
+                                  bias ? bias + n0 : nullptr, out + n0, N);
+  }, qvlm::avx512::kGemmPanel);
 }
 
 at::Tensor finish(at::Tensor out32, const at::Tensor& x) {
@@ -421,10 +458,38 @@ int64_t gemm_rows(int64_t requested, const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 && use_amx() ? kAmxGemmMinRows : kGemmMinRows;
 }
 
+// Whether a w4 layer's call runs as the AMX prefill GEMM: bf16 activations, AMX, enough rows.
+bool amx_prefill(const at::Tensor& x, int64_t gemm_min_rows) {
+  return x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && use_amx() && x.size(0) > 0 &&
+         x.size(0) >= gemm_rows(gemm_min_rows, x);
+}
+
+// The AMX prefill GEMM on bf16 rows x [M, K] (the activations, or w4a8's per-token codes with
+// their scales in row_scale): bf16 [M, N].
+at::Tensor w4_gemm_amx(const W4Layout& L, int64_t NS, int64_t N, const at::Tensor& x, const float* row_scale,
+                       const c10::optional<at::Tensor>& bias_in) {
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == N, "qvlm_cpu: bias size");
+  }
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  w4_gemm_amx(L, NS, N, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), row_scale,
+              bias.defined() ? bias.data_ptr<float>() : nullptr,
+              reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  return out;
+}
+
 // x [M, K] (any float dtype) -> y [M, N] in x's dtype.
 at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
                         const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& bias_in, int64_t N,
                         int64_t group_size, int64_t gemm_min_rows) {
+  if (amx_prefill(x_in, gemm_min_rows)) {
+    const at::Tensor x = x_in.contiguous();
+    const W4Layout L = w4_layout(w, s, z, x.size(1), group_size);
+    TORCH_CHECK(w.size(0) * ST >= N, "qvlm_cpu: N larger than the packed weight");
+    return w4_gemm_amx(L, w.size(0), N, x, nullptr, bias_in);
+  }
   const Inputs in = inputs(x_in, bias_in, N);
   const int64_t M = in.M, K = in.K;
   const W4Layout L = w4_layout(w, s, z, K, group_size);
@@ -433,11 +498,6 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
   at::Tensor out = at::empty({M, N}, in.x.options());
   if (M == 0) return finish(out, x_in);
   gemm_min_rows = gemm_rows(gemm_min_rows, x_in);
-
-  if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_amx()) {
-    w4_gemm_amx(L, NS, N, in.x.data_ptr<float>(), M, nullptr, in.bp, out.data_ptr<float>());
-    return finish(out, x_in);
-  }
   if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
     w4_gemm_bf16(L, NS, N, x_in.contiguous(), at::Tensor(), in.bias, out);
     return finish(out, x_in);
@@ -650,6 +710,22 @@ W4A8Fn w4a8_fn(int rows, int xs) {
 at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
                        const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& bias_in, int64_t N,
                        int64_t group_size, int64_t gemm_min_rows) {
+  if (amx_prefill(x_in, gemm_min_rows)) {
+    // Prefill: the per-token codes (exact in bf16) times bf16-dequantized weights, then the
+    // token scales.
+    const at::Tensor x = x_in.contiguous();
+    const int64_t M = x.size(0), K = x.size(1);
+    const W4Layout L = w4_layout(w, s, z, K, group_size);
+    TORCH_CHECK(w.size(0) * ST >= N, "qvlm_cpu: N larger than the packed weight");
+    at::Tensor q = at::empty({M, K}, x.options());
+    std::vector<float> xs(M);
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    uint16_t* qp = reinterpret_cast<uint16_t*>(q.data_ptr<at::BFloat16>());
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) xs[m] = qvlm::avx512::quant_row_bf16(xp + m * K, K, qp + m * K);
+    });
+    return w4_gemm_amx(L, w.size(0), N, q, xs.data(), bias_in);
+  }
   const Inputs in = inputs(x_in, bias_in, N);
   const int64_t M = in.M, K = in.K;
   const W4Layout L = w4_layout(w, s, z, K, group_size);
@@ -659,22 +735,8 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   if (M == 0) return finish(out, x_in);
   gemm_min_rows = gemm_rows(gemm_min_rows, x_in);
 
-  if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_amx()) {
-    // Prefill: the per-token codes (exact in bf16) times bf16-dequantized weights, then the
-    // token scales.
-    std::vector<float> q(M * K), xs(M);
-    const float* xp = in.x.data_ptr<float>();
-    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m)
-        xs[m] = quantize_row(xp + m * K, K, [&](int64_t k0, const int32_t* v) {
-          for (int64_t j = 0; j < 8 && k0 + j < K; ++j) q[m * K + k0 + j] = static_cast<float>(v[j]);
-        });
-    });
-    w4_gemm_amx(L, NS, N, q.data(), M, xs.data(), in.bp, out.data_ptr<float>());
-    return finish(out, x_in);
-  }
   if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
-    // As above, with torch's bf16 GEMM.
+    // Prefill without AMX: as above, with torch's bf16 GEMM.
     at::Tensor xqb = at::empty({M, K}, x_in.options());
     at::Tensor xs = at::empty({M, 1}, in.x.options());
     uint16_t* qp = reinterpret_cast<uint16_t*>(xqb.data_ptr<at::BFloat16>());

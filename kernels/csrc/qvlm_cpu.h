@@ -47,10 +47,21 @@ bool amx_enable();
 void w4a16_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint32_t* xa, int64_t lda,
                const float* gsum, float* out);
 // Prefill GEMM on AMX tiles with the weights dequantized to bf16 ((code - zero) * scale,
-// rounded), summed in fp32 over all of K: supertiles [st0, st1) x 1..80 token rows.
-// xa as for w4a16_amx; out [rows][ldo] fp32, supertile st in columns [(st - st0) * 16, +16).
-void w4_gemm_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint32_t* xa, int64_t lda,
-                 float* out, int64_t ldo);
+// rounded), summed in fp32 over all of K. Activations: bf16 rows x [M][K] as whole tiles of
+// the pairs of w4a16_amx, xa [rows/16][ceil(K/32)][16 rows][16] uint32, zero padded (amx_pack_a
+// fills 16-row blocks [blk0, blk1)). w4_gemm_amx: supertiles [st0, st1) (at most kGemmPanel,
+// whose decoded weights every token row reuses) x `rows` (a multiple of 16) -> out [rows][ldo]
+// fp32, supertile st in columns [(st - st0) * 16, +16). gemm_store_bf16: those sums (* the
+// row's scale, + bias) -> bf16 out [M][ldout], nc columns.
+void amx_pack_a(const uint16_t* x, int64_t M, int64_t K, int64_t blk0, int64_t blk1, uint32_t* xa);
+void w4_gemm_amx(const W4Layout& L, int64_t st0, int64_t st1, int64_t rows, const uint32_t* xa, float* out,
+                 int64_t ldo);
+void gemm_store_bf16(const float* tiles, int64_t ldo, int64_t M, int64_t nc, const float* row_scale,
+                     const float* bias, uint16_t* out, int64_t ldout);
+constexpr int64_t kGemmPanel = 16;
+// Per-token int8 quantization of a bf16 row (the AVX2 quantize_row's arithmetic), the codes
+// written as bf16 (exact): returns the row's scale.
+float quant_row_bf16(const uint16_t* x, int64_t K, uint16_t* q);
 }  // namespace avx512
 
 }  // namespace qvlm

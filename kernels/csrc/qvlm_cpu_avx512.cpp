@@ -23,7 +23,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <utility>
+
+#include <c10/util/Exception.h>
 
 #include "qvlm_cpu.h"
 
@@ -232,49 +236,75 @@ inline void decode_b(const int32_t* wk, int64_t nl, uint32_t* b) {
 }
 
 
-// GEMM tiles: 0-4 = fp32 sums of up to 5 blocks of 16 token rows (the last, nb - 1, may have
-// fewer), 5 = activations of a full block, 6 = activations of the last block, 7 = weights.
-void load_gemm_tiles(int nb, int last_rows) {
+// ---- prefill GEMM on AMX tiles ---------------------------------------------------------------
+// Tile steps (32 K rows each) per weight chunk: a 16-supertile panel's decoded chunk is 128 KiB
+// (L2) and a supertile pair's 16 KiB (L1); the fp32 sums are reloaded once per chunk, 8 tile
+// products later. (Measured on a Sapphire Rapids core at 588 x 4096 x 4096: 8 to 16 steps,
+// 8 to 32 supertiles, either loop order and row groups of 96 to 608 are all within 10%.)
+constexpr int64_t kGemmChunkSteps = 8;
+
+// One K chunk of a panel's decoded weights, [kGemmPanel][kGemmChunkSteps][16 rows][16]: one
+// buffer per thread for the process's life (128 KiB; allocated per call it would be fresh pages).
+uint32_t* chunk_buffer() {
+  struct Buf {
+    uint32_t* p = static_cast<uint32_t*>(std::aligned_alloc(64, qvlm::avx512::kGemmPanel * kGemmChunkSteps * 1024));
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  TORCH_CHECK(buf.p, "qvlm_cpu: out of memory for the prefill GEMM's weight buffer");
+  return buf.p;
+}
+
+// Tiles: 0-3 = fp32 sums C[m][n] (tile 2m + n), 4-5 = activations of row blocks m, 6-7 = weights
+// of supertiles n; all 16 rows x 64 bytes (the activation rows are zero padded to 16).
+void load_gemm_tiles() {
   alignas(64) TileConfig c = {};
   c.palette = 1;
   for (int t = 0; t < 8; ++t) {
     c.colsb[t] = 64;
     c.rows[t] = 16;
   }
-  c.rows[nb - 1] = c.rows[6] = static_cast<uint8_t>(last_rows);  // the last block's sums and activations
   _tile_loadconfig(&c);
 }
 
-// The tile intrinsics take literal tile numbers: C tile i (0..4) by a switch that folds away.
-#define QVLM_TILE_CASES(STMT) \
-  switch (i) {                \
-    case 0: STMT(0); break;   \
-    case 1: STMT(1); break;   \
-    case 2: STMT(2); break;   \
-    case 3: STMT(3); break;   \
-    default: STMT(4); break;  \
+// C (MB x NB tiles of 16 x 16 fp32 at c, row stride ldc floats) (+)= A (MB row blocks, row
+// stride lda words) x B (NB supertiles, `steps` tiles each, 1 KiB apart). Tile numbers must be
+// literals: the branches fold at compile time.
+template <int MB, int NB>
+__attribute__((always_inline)) inline void amx_block(const uint32_t* a0, const uint32_t* a1, const uint32_t* b0,
+                                                     const uint32_t* b1, int64_t steps, float* c, int64_t ldc,
+                                                     bool load) {
+  const int64_t sc = ldc * 4;
+  if (load) {
+    _tile_loadd(0, c, sc);
+    if constexpr (NB == 2) _tile_loadd(1, c + ST, sc);
+    if constexpr (MB == 2) _tile_loadd(2, c + 16 * ldc, sc);
+    if constexpr (MB == 2 && NB == 2) _tile_loadd(3, c + 16 * ldc + ST, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (NB == 2) _tile_zero(1);
+    if constexpr (MB == 2) _tile_zero(2);
+    if constexpr (MB == 2 && NB == 2) _tile_zero(3);
   }
-inline void c_zero(int i) {
-#define QVLM_Z(T) _tile_zero(T)
-  QVLM_TILE_CASES(QVLM_Z)
-#undef QVLM_Z
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, a0 + s * 16 * ST, 64);
+    _tile_loadd(6, b0 + s * 16 * ST, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) {
+      _tile_loadd(7, b1 + s * 16 * ST, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MB == 2) {
+      _tile_loadd(5, a1 + s * 16 * ST, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if constexpr (NB == 2) _tile_stored(1, c + ST, sc);
+  if constexpr (MB == 2) _tile_stored(2, c + 16 * ldc, sc);
+  if constexpr (MB == 2 && NB == 2) _tile_stored(3, c + 16 * ldc + ST, sc);
 }
-inline void c_store(int i, float* p, int64_t stride) {
-#define QVLM_S(T) _tile_stored(T, p, stride)
-  QVLM_TILE_CASES(QVLM_S)
-#undef QVLM_S
-}
-inline void c_dp_full(int i) {  // C_i += A(5) B(7)
-#define QVLM_D(T) _tile_dpbf16ps(T, 5, 7)
-  QVLM_TILE_CASES(QVLM_D)
-#undef QVLM_D
-}
-inline void c_dp_last(int i) {  // C_i += A(6) B(7)
-#define QVLM_D(T) _tile_dpbf16ps(T, 6, 7)
-  QVLM_TILE_CASES(QVLM_D)
-#undef QVLM_D
-}
-#undef QVLM_TILE_CASES
 
 // One line of a supertile, dequantized ((code - zero) * scale, rounded to bf16), as 4 B-tile
 // rows of pairs (w[8i+j], w[8i+j+4]).
@@ -302,50 +332,112 @@ bool amx_enable() {
   return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
 }
 
-void w4_gemm_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint32_t* xa, int64_t lda,
-                 float* out, int64_t ldo) {
-  const int nb = (rows + 15) / 16, last = rows - (nb - 1) * 16;
-  alignas(64) uint32_t bbuf[2][16 * ST];
-  load_gemm_tiles(nb, last);
-  for (int64_t st = st0; st < st1; ++st) {
-    const Tile4 t(L, st);
-    // 4 lines (32 K rows) from k8 as one weight tile; lines past K are zero.
-    auto decode = [&](int64_t k8, uint32_t* b) {
-      for (int64_t l = 0; l < 4; ++l) {
-        if (k8 + l >= L.K8) {
-          unroll<4>([&](auto j) { _mm512_store_si512(b + (l * 4 + j) * ST, _mm512_setzero_si512()); });
-          continue;
-        }
-        const int64_t g = (k8 + l) / L.gw;
-        const __m512 s = load_h16(t.s + g * ST);
-        const __m512 zs = _mm512_mul_ps(s, t.z ? load_z16(t.z + g * ST) : _mm512_set1_ps(8.f));
-        decode_b_dequant(_mm512_loadu_si512(t.w + (k8 + l) * ST), s, zs, b + l * 4 * ST);
+void amx_pack_a(const uint16_t* x, int64_t M, int64_t K, int64_t blk0, int64_t blk1, uint32_t* xa) {
+  // Output bf16 slot 2p / 2p + 1 of pair p = 4l + j holds x[8l + j] / x[8l + j + 4].
+  alignas(64) uint16_t perm[32];
+  for (int l = 0; l < 4; ++l)
+    for (int j = 0; j < 4; ++j) {
+      perm[2 * (4 * l + j)] = static_cast<uint16_t>(8 * l + j);
+      perm[2 * (4 * l + j) + 1] = static_cast<uint16_t>(8 * l + j + 4);
+    }
+  const __m512i idx = _mm512_load_si512(perm);
+  const int64_t ksteps = (K + 31) / 32;
+  for (int64_t blk = blk0; blk < blk1; ++blk)
+    for (int r = 0; r < 16; ++r) {
+      const int64_t m = blk * 16 + r;
+      uint32_t* dst = xa + blk * ksteps * 16 * ST + r * ST;
+      if (m >= M) {
+        for (int64_t s = 0; s < ksteps; ++s) _mm512_storeu_si512(dst + s * 16 * ST, _mm512_setzero_si512());
+        continue;
       }
-      _mm_prefetch(reinterpret_cast<const char*>(t.w + (k8 + kPrefetchLines) * ST), _MM_HINT_T0);
-    };
-    for (int i = 0; i < nb; ++i) c_zero(i);
-    // Software-pipelined: the weight tile of step n + 1 is written while step n's is multiplied,
-    // so a tile load never waits on stores just issued.
-    decode(0, bbuf[0]);
-    int step = 0;
-    for (int64_t k8 = 0; k8 < L.K8; k8 += 4, ++step) {
-      if (k8 + 4 < L.K8) decode(k8 + 4, bbuf[(step + 1) & 1]);
-      _tile_loadd(7, bbuf[step & 1], 64);
-      for (int i = 0; i < nb; ++i) {
-        const uint32_t* a = xa + i * 16 * lda + k8 * 4;
-        if (i == nb - 1) {
-          _tile_loadd(6, a, lda * 4);
-          c_dp_last(i);
-        } else {
-          _tile_loadd(5, a, lda * 4);
-          c_dp_full(i);
+      const uint16_t* row = x + m * K;
+      for (int64_t s = 0; s < ksteps; ++s) {
+        const int64_t left = K - s * 32;
+        const __mmask32 mk = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+        const __m512i v = _mm512_maskz_loadu_epi16(mk, row + s * 32);
+        _mm512_storeu_si512(dst + s * 16 * ST, _mm512_permutexvar_epi16(idx, v));
+      }
+    }
+}
+
+void w4_gemm_amx(const W4Layout& L, int64_t st0, int64_t st1, int64_t rows, const uint32_t* xa, float* out,
+                 int64_t ldo) {
+  const int64_t nst = st1 - st0, ksteps = (L.K8 + 3) / 4;
+  TORCH_CHECK(nst <= kGemmPanel, "qvlm_cpu: prefill GEMM panel wider than kGemmPanel");
+  uint32_t* const bbuf = chunk_buffer();
+  load_gemm_tiles();
+  for (int64_t kc = 0; kc < ksteps; kc += kGemmChunkSteps) {
+    const int64_t steps = min64(kGemmChunkSteps, ksteps - kc);
+    for (int64_t i = 0; i < nst; ++i) {
+      const Tile4 t(L, st0 + i);
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t k8 = 4 * (kc + s);
+        uint32_t* b = bbuf + (i * steps + s) * 16 * ST;
+        for (int64_t l = 0; l < 4; ++l) {
+          if (k8 + l >= L.K8) {
+            unroll<4>([&](auto j) { _mm512_store_si512(b + (l * 4 + j) * ST, _mm512_setzero_si512()); });
+            continue;
+          }
+          const int64_t g = (k8 + l) / L.gw;
+          const __m512 sc = load_h16(t.s + g * ST);
+          const __m512 zs = _mm512_mul_ps(sc, t.z ? load_z16(t.z + g * ST) : _mm512_set1_ps(8.f));
+          decode_b_dequant(_mm512_loadu_si512(t.w + (k8 + l) * ST), sc, zs, b + l * 4 * ST);
         }
       }
     }
-    float* o = out + (st - st0) * ST;
-    for (int i = 0; i < nb; ++i) c_store(i, o + i * 16 * ldo, ldo * 4);
+    // Supertile pairs outside, 32-row blocks inside: the pair's weight tiles (16 KiB) stay in
+    // L1 while the activations stream from L2.
+    for (int64_t i = 0; i < nst; i += 2) {
+      const uint32_t* b0 = bbuf + i * steps * 16 * ST;
+      const uint32_t* b1 = b0 + steps * 16 * ST;
+      const bool two_n = nst - i >= 2, acc = kc > 0;
+      for (int64_t m0 = 0; m0 < rows; m0 += 32) {
+        const uint32_t* a0 = xa + ((m0 / 16) * ksteps + kc) * 16 * ST;
+        const uint32_t* a1 = a0 + ksteps * 16 * ST;
+        float* c = out + m0 * ldo + i * ST;
+        if (rows - m0 >= 32) {
+          if (two_n) amx_block<2, 2>(a0, a1, b0, b1, steps, c, ldo, acc);
+          else amx_block<2, 1>(a0, a1, b0, b0, steps, c, ldo, acc);
+        } else {
+          if (two_n) amx_block<1, 2>(a0, a1, b0, b1, steps, c, ldo, acc);
+          else amx_block<1, 1>(a0, a1, b0, b0, steps, c, ldo, acc);
+        }
+      }
+    }
   }
   _tile_release();
+}
+
+float quant_row_bf16(const uint16_t* x, int64_t K, uint16_t* q) {
+  auto load = [&](int64_t k) {
+    const __mmask16 mk = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __m256i h = _mm256_maskz_loadu_epi16(mk, x + k);
+    return std::make_pair(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), mk);
+  };
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load(k).first));
+  // Same arithmetic as the AVX2 quantize_row: scale = max(amax, 1e-10) / 127, q = clamp(rint(x / scale)).
+  const float scale = std::max(_mm512_reduce_max_ps(mx), 1e-10f) / 127.0f;
+  const __m512 sv = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
+  for (int64_t k = 0; k < K; k += 16) {
+    const auto [v, mk] = load(k);
+    const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(q + k, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_min_ps(_mm512_max_ps(r, lo), hi)));
+  }
+  return scale;
+}
+
+void gemm_store_bf16(const float* tiles, int64_t ldo, int64_t M, int64_t nc, const float* row_scale,
+                     const float* bias, uint16_t* out, int64_t ldout) {
+  for (int64_t r = 0; r < M; ++r) {
+    const __m512 rs = _mm512_set1_ps(row_scale ? row_scale[r] : 1.f);
+    for (int64_t c = 0; c < nc; c += ST) {
+      const __mmask16 mk = nc - c >= ST ? __mmask16(0xFFFF) : __mmask16((1u << (nc - c)) - 1);
+      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(tiles + r * ldo + c), rs);
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + c));
+      _mm256_mask_storeu_epi16(out + r * ldout + c, mk, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
 }
 
 void w4a16_amx(const W4Layout& L, int64_t st0, int64_t st1, int rows, const uint32_t* xa, int64_t lda,

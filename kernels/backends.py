@@ -338,14 +338,17 @@ def _flat2d(x: torch.Tensor) -> torch.Tensor:
 
 
 class QvlmCpuW4A16Backend(Backend):
-    """qvlm's int4 kernel, 16-bit (or fp32) activations used as they are, fp32 accumulation.
+    """qvlm's int4 kernel, 16-bit (or fp32) activations, fp32 accumulation.
 
     The kernel library picks the instruction set at run time (see cpu_ext). AVX2: nibbles
     decoded in registers (fp32 FMA, 4 token rows per weight pass, the weight streamed once
     per 16 rows); from ``gemm_min_rows`` tokens on (256 by default) column chunks are
     dequantized to fp32 for torch's fp32 GEMM (~7x faster than bf16 GEMM on CPUs without
-    AVX512-BF16/AMX). AVX-512 with bf16 activations: ``vdpbf16ps`` on the exact bf16 values;
-    with AMX, tile products from 3 token rows and a bf16-dequantized AMX GEMM from 17.
+    AVX512-BF16/AMX). AVX-512, bf16/fp16 activations, up to 4 rows (decode): each group of a
+    row as int16 codes with a power-of-two scale (exact within 2^7 of the group's largest
+    value, else rounded at 2^-15 of it) and ``vpdpwssd``; longer per-channel groups use
+    ``vdpbf16ps`` on the exact bf16 values. With AMX: tile products from 5 rows, and from 17
+    a GEMM on AMX tiles that decodes each 256-column panel of the weights once per call.
     """
 
     name = "qvlm_cpu_w4a16"

@@ -192,6 +192,29 @@ def test_amx_row_blocks(isa):
         _check("w4a16", 32, True, 256, 17, m, torch.bfloat16, False)
 
 
+def test_w4a16_int16_activations_keep_small_values():
+    """Decode rows of 16-bit activations run as int16 codes with one power-of-two scale per group.
+
+    Values 2^7 below the group's largest are still exact codes; smaller ones round at 2^-15 of it.
+    Rows mixing magnitudes (outlier channels, as in LLMs) stay within the bf16 tolerance, and a
+    per-channel group longer than 16384 rows (int32 sums could overflow) takes the bf16 kernel.
+    """
+    spec = _spec("w4a16", 128, False)
+    k, n = 1024, 48
+    qweight, scales, qzeros = _layer(k, n, spec, 3)
+    be = BACKENDS["w4a16"]()
+    p = be.prepare(qweight, scales, qzeros, spec, torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    for m in (1, 2, 4):
+        x = torch.randn(m, k, generator=g) * torch.logspace(-4, 2, k)[torch.randperm(k, generator=g)]
+        x = x.to(torch.bfloat16)
+        y = be.apply(p, x, None).float()
+        ref = reference.linear(x.float(), qweight, scales, qzeros, spec, None)
+        assert (y - ref).abs().max().item() <= _tol(torch.bfloat16, ref)
+    _check("w4a16", -1, True, 16392, 24, 1, torch.bfloat16, True)
+    _check("w4a16", -1, True, 16392, 24, 3, torch.float16, False)
+
+
 @pytest.mark.parametrize("scheme,gs,sym", [("w4a16", 128, False), ("w4a8", 64, True)])
 def test_prefill_gemm_blocks(scheme, gs, sym):
     """Prompt-sized calls around the prefill GEMM's blocking (any level: same reference).

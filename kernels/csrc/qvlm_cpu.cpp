@@ -145,6 +145,16 @@ inline __m256i madd_mem(__m256i a, const __m256i* b) {
 // Row stride of that layout: 1 for a single token (decode), which keeps its activations
 // 4x smaller in cache.
 inline int64_t row_stride(int64_t M) { return M == 1 ? 1 : RB; }
+
+// out[g * stride] += sum of x over group g: one pass per group, no division per element
+// (a 64-bit `k / gs` costs more than the add it indexes).
+inline void add_group_sums(const float* x, int64_t K, int64_t gs, float* out, int64_t stride) {
+  for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += gs) {
+    float s = 0.f;
+    for (int64_t k = k0, k1 = std::min(K, k0 + gs); k < k1; ++k) s += x[k];
+    out[g * stride] += s;
+  }
+}
 // Rows whose activations stay in L2 while a thread streams its weight tiles (large M).
 constexpr int64_t ROW_CHUNK = 16;
 
@@ -565,7 +575,7 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
     std::vector<float> gsum(M * G, 0.f);
     at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m)
-        for (int64_t k = 0; k < K; ++k) gsum[m * G + k / gs] += xp[m * K + k];
+        add_group_sums(xp + m * K, K, gs, gsum.data() + m * G, 1);
     });
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
       const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
@@ -594,7 +604,7 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
         for (int64_t k8 = 0; k8 < K8; ++k8)
           for (int j = 0; j < 4; ++j)
             xo[(k8 * 4 + j) * XS] = (xr[k8 * 8 + j] >> 16) | (xr[k8 * 8 + j + 4] & 0xFFFF0000u);
-        for (int64_t k = 0; k < K; ++k) go[(k / gs) * XS] += xp[m * K + k];
+        add_group_sums(xp + m * K, K, gs, go, XS);
       }
     });
     if (M == 1) {
@@ -624,10 +634,8 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
       const float* xr = xp + m * K;
       float* xo = xs.data() + (m / RB) * K * XS + m % RB;
       float* go = gsum.data() + (m / RB) * G * XS + m % RB;
-      for (int64_t k = 0; k < K; ++k) {
-        xo[k * XS] = xr[k] * mul[k & 7];
-        go[(k / gs) * XS] += xr[k];
-      }
+      for (int64_t k = 0; k < K; ++k) xo[k * XS] = xr[k] * mul[k & 7];
+      add_group_sums(xr, K, gs, go, XS);
     }
   });
   run_tiles(NS, M, [&](int64_t st, int64_t b, int rows) {

@@ -345,9 +345,10 @@ class QvlmCpuW4A16Backend(Backend):
     per 16 rows); from ``gemm_min_rows`` tokens on (256 by default) column chunks are
     dequantized to fp32 for torch's fp32 GEMM (~7x faster than bf16 GEMM on CPUs without
     AVX512-BF16/AMX). AVX-512, bf16/fp16 activations, up to 4 rows (decode): each group of a
-    row as int16 codes with a power-of-two scale (exact within 2^7 of the group's largest
-    value, else rounded at 2^-15 of it) and ``vpdpwssd``; longer per-channel groups use
-    ``vdpbf16ps`` on the exact bf16 values. With AMX: tile products from 5 rows, and from 17
+    row as 15-bit codes with a power-of-two scale (exact within 2^6 of the group's largest
+    value, else rounded at 2^-14 of it), split into two int8 halves that meet the weights
+    through ``vpdpbusd`` as w4a8's do (per-channel groups over 2M rows use ``vdpbf16ps`` on
+    the exact bf16 values). With AMX: tile products from 5 rows, and from 17
     a GEMM on AMX tiles that decodes each 256-column panel of the weights once per call.
     """
 

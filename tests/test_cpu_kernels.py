@@ -193,11 +193,11 @@ def test_amx_row_blocks(isa):
 
 
 def test_w4a16_int16_activations_keep_small_values():
-    """Decode rows of 16-bit activations run as int16 codes with one power-of-two scale per group.
+    """Decode rows of 16-bit activations run as 15-bit codes with one power-of-two scale per group.
 
-    Values 2^7 below the group's largest are still exact codes; smaller ones round at 2^-15 of it.
+    Values 2^6 below the group's largest are still exact codes; smaller ones round at 2^-14 of it.
     Rows mixing magnitudes (outlier channels, as in LLMs) stay within the bf16 tolerance, and a
-    per-channel group longer than 16384 rows (int32 sums could overflow) takes the bf16 kernel.
+    per-channel group longer than 8192 rows combines the two int8 halves' sums in fp32.
     """
     spec = _spec("w4a16", 128, False)
     k, n = 1024, 48

@@ -539,14 +539,14 @@ at::Tensor w4a16_linear(const at::Tensor& x_in, const at::Tensor& w, const at::T
   const bool half = x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf;
   if (half && use_avx512() && L.gw <= qvlm::avx512::kI16MaxGroupWords &&
       !(x_in.scalar_type() == at::kBFloat16 && use_amx() && M >= kAmxMinRows)) {
-    // 16-bit activations as int16 codes per (row, group), power-of-two scales: vpdpwssd.
-    // Layouts as for the bf16 pairs below ([block][K8][4][RB], [block][G][RB]).
+    // 16-bit activations as codes per (row, group) with power-of-two scales, split into int8
+    // halves for vpdpbusd: [block][K8][RB][16 bytes] and [block][G][RB].
     const int64_t K8 = K / 8;
     std::vector<uint32_t> xb(nblk * K8 * 4 * XS, 0);
     std::vector<float> qsum(nblk * G * XS, 0.f), ascale(nblk * G * XS, 0.f);
     at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
-        const int64_t xo = (m / RB) * K8 * 4 * XS + m % RB, go = (m / RB) * G * XS + m % RB;
+        const int64_t xo = (m / RB) * K8 * 4 * XS + (m % RB) * 4, go = (m / RB) * G * XS + m % RB;
         qvlm::avx512::quant_row_i16(xp + m * K, K, gs, XS, xb.data() + xo, qsum.data() + go, ascale.data() + go);
       }
     });

@@ -27,11 +27,13 @@ void w4a16_bf16_tile(const W4Layout& L, int64_t st, int rows, int xs, const uint
 // (Measured on a Sapphire Rapids core, one thread, 4096 x 11008: 4 streams 0.68x the time of one.)
 constexpr int kRowSupertiles = 4;
 void w4a16_bf16_row(const W4Layout& L, int64_t st, const uint32_t* xp, const float* gsum, float* out);
-// 16-bit (bf16/fp16) activations as int16 codes per group with a power-of-two scale (exact for
-// values within 2^7 of the group's largest magnitude): pairs (x[8i+j], x[8i+j+4]) as uint32
-// [K8][4][xs], code sums qsum and scales ascale [G][xs] (quant_row_i16 fills one row's, at
-// stride xs). Groups of at most kI16MaxGroupWords * 8 rows (int32 sums cannot overflow).
-constexpr int64_t kI16MaxGroupWords = 2048;
+// 16-bit (bf16/fp16) activations as codes |c| < 2^14 per group with a power-of-two scale (exact
+// for bf16 values within 2^6 of the group's largest magnitude), each split c = 256 h + l into
+// int8 halves for vpdpbusd: 16 bytes per word and row, uint32 [K8][xs][4] (h of rows 0 2 4 6,
+// h of 1 3 5 7, l of 0 2 4 6, l of 1 3 5 7); code sums qsum and scales ascale [G][xs]
+// (quant_row_i16 fills one row's: xo at the row's first uint32, stride xs). Groups of at most
+// kI16MaxGroupWords * 8 rows (int32 sums cannot overflow).
+constexpr int64_t kI16MaxGroupWords = int64_t{1} << 18;
 void quant_row_i16(const float* x, int64_t K, int64_t gs, int64_t xs, uint32_t* xo, float* qsum, float* ascale);
 void w4a16_i16_tile(const W4Layout& L, int64_t st, int rows, int xs, const uint32_t* xp, const float* qsum,
                     const float* ascale, float* out);

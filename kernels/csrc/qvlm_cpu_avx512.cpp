@@ -139,7 +139,7 @@ __attribute__((flatten)) void w4a16_bf16(const W4Layout& L, int64_t st, const ui
 // one power-of-two scale per group) is split as c = 256 h + l with h, l in int8, and the u4
 // weights meet both halves through w4a8's vpdpbusd step (lo / hi nibbles x 4 K rows per lane):
 // 4 vpdpbusd + 3 logic ops per weight vector where int16 pairs and vpdpwssd took 4 + 7 (one
-// token row at 2 threads: 4-10% less time per layer on a Sapphire Rapids guest). xp: per word and row 16 bytes, [K8][XS][16]:
+// token row at 2 threads: 4-11% less time per layer on a Sapphire Rapids guest). xp: per word and row 16 bytes, [K8][XS][16]:
 // h of rows 0 2 4 6, h of 1 3 5 7, l of 0 2 4 6, l of 1 3 5 7. qsum / ascale: the group's code
 // sum and scale, [G][XS]. Each int32 sum holds 4 gw products of |code| <= 15 and |half| <= 128
 // (the caller keeps gw <= kI16MaxGroupWords); the halves are combined in int32 where the group

@@ -13,8 +13,9 @@ What it measures, in one run (``run_bench``):
 2. Quantizes it with RTN (``export_checkpoint``) to each scheme (language linears only,
    the vision tower, projector and ``lm_head`` stay bf16: the ``qvlm quantize`` default).
 3. Measures each configuration (bf16, then each scheme) in **its own child process** with
-   the same set-up (in-process vLLM engine, ``enforce_eager``, ``uni`` executor, prefix
-   caching off, ``OMP_NUM_THREADS=threads``):
+   the same set-up (in-process vLLM engine, ``enforce_eager`` or, with ``compile=True``,
+   vLLM's default torch.compile mode, ``uni`` executor, prefix caching off,
+   ``OMP_NUM_THREADS=threads``):
 
    * time to first token (TTFT): wall time of ``generate`` with one image + question and
      ``max_tokens=1`` (image preprocessing, vision tower, prefill of the image tokens);
@@ -284,7 +285,7 @@ def _measure(job: dict) -> dict:
     capture = _Capture()  # after vLLM configured its logging (which would drop our handler)
     t0 = time.perf_counter()
     llm = LLM(
-        model=job["model"], quantization=job["quantization"], dtype="bfloat16", enforce_eager=True,
+        model=job["model"], quantization=job["quantization"], dtype="bfloat16", enforce_eager=not job["compile"],
         max_model_len=job["max_model_len"], max_num_seqs=max(job["batch_sizes"]), seed=0,
         limit_mm_per_prompt={"image": 1}, distributed_executor_backend="uni", enable_prefix_caching=False,
     )
@@ -440,6 +441,7 @@ def run_bench(
     tiny: bool = False,
     repeats: int = 2,
     ttft_repeats: int = 1,
+    compile: bool = False,
     threads: int | None = None,
     bandwidth_mib: int | None = None,
     rebuild: bool = False,
@@ -488,7 +490,7 @@ def run_bench(
         job = {"model": model["path"], "quantization": None if name == "bf16" else "qvlm",
                "scheme": None if name == "bf16" else name, "batch_sizes": batch_sizes,
                "decode_tokens": decode_tokens, "repeats": repeats, "ttft_repeats": ttft_repeats,
-               "max_model_len": max_model_len, "image_size": spec["image_size"]}
+               "max_model_len": max_model_len, "image_size": spec["image_size"], "compile": compile}
         t0 = time.perf_counter()
         m = _run_child("measure", job, workdir, f"measure-{name}", threads, child_timeout)
         log_text = Path(m["log"]).read_text(errors="replace")
@@ -532,8 +534,10 @@ def run_bench(
                      "ttft_repeats": ttft_repeats, "max_model_len": max_model_len, "dtype": "bfloat16",
                      "decode_prompts": "short text-only prompts (no image), ignore_eos",
                      "ttft_prompt": "one image + question, max_tokens=1, wall time of generate",
-                     "engine": "vllm.LLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), enforce_eager, uni "
-                               "executor, prefix caching off, one child process per configuration"},
+                     "compile": compile,
+                     "engine": "vllm.LLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), "
+                               + ("torch.compile (vLLM's default mode)" if compile else "enforce_eager")
+                               + ", uni executor, prefix caching off, one child process per configuration"},
         "configs": configs,
         "prepare_s": prepare_s,
         "wall_s": time.perf_counter() - t_start,
@@ -570,7 +574,8 @@ def format_table(result: dict) -> str:
         f"{mach['bandwidth']['copy_GBps']:.1f} GB/s, read {mach['bandwidth']['read_GBps']:.1f} GB/s",
         f"Decode: {result['settings']['decode_tokens']} tokens after the first, prefill subtracted, "
         f"best of {result['settings']['repeats']}; TTFT: {result['configs'][0]['ttft_prompt_tokens']}-token "
-        f"prompt with one image, best of {result['settings']['ttft_repeats']}",
+        f"prompt with one image, best of {result['settings']['ttft_repeats']}; engine: "
+        f"{'torch.compile' if result['settings'].get('compile') else 'eager'}",
         "",
     ]
     head = ["config", "kernel", "ckpt MiB", "qlinears MiB (bf16)", "read/step MiB", "RSS GiB", "TTFT s"]
@@ -678,6 +683,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="decode timings per batch size; the best counts (default: 2)")
     p.add_argument("--ttft-repeats", type=int, default=1,
                    help="time-to-first-token runs, each with a new image; the best counts (default: 1)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="run every configuration in vLLM's default torch.compile mode (inductor fuses the norms "
+                   "and activations around the linears; about a minute of compilation per configuration at 7B "
+                   "widths, cached under ~/.cache/vllm) instead of eager mode (default: eager)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for every child (vLLM and the bandwidth test) (default: usable CPUs)")
     p.add_argument("--tiny", action="store_true", help="tiny test-model dimensions instead of 7B widths (smoke run)")
@@ -691,7 +700,7 @@ def bench_kwargs(args: argparse.Namespace) -> dict:
     return dict(layers=args.layers, vision_layers=args.vision_layers, schemes=tuple(args.schemes),
                 batch_sizes=tuple(args.batch_sizes), decode_tokens=args.decode_tokens, json_path=args.json,
                 png_path=args.png, tiny=args.tiny, repeats=args.repeats, ttft_repeats=args.ttft_repeats,
-                threads=args.threads, rebuild=args.rebuild, quantize_lm_head=args.quantize_lm_head)
+                compile=args.compile, threads=args.threads, rebuild=args.rebuild, quantize_lm_head=args.quantize_lm_head)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ def test_bench_tiny_smoke(tmp_path):
     bw = on_disk["machine"]["bandwidth"]
     assert _positive(bw["copy_GBps"]) and _positive(bw["read_GBps"])
     assert on_disk["settings"]["batch_sizes"] == [1] and on_disk["settings"]["decode_tokens"] == 4
+    assert on_disk["settings"]["compile"] is False and "enforce_eager" in on_disk["settings"]["engine"]
     assert (on_disk["png"] is None) == ("png_skipped" in on_disk)
 
     assert [c["name"] for c in on_disk["configs"]] == ["bf16", "w4a16"]
@@ -51,3 +52,14 @@ def test_bench_tiny_smoke(tmp_path):
     assert 0.25 < ratio < 0.3
     assert bf16["weights"]["quantized_linear_bytes"] == bf16["weights"]["quantized_linear_bf16_bytes"]
     assert w4["weights"]["quantized_linear_bf16_bytes"] == bf16["weights"]["quantized_linear_bf16_bytes"]
+
+
+@pytest.mark.parametrize("argv, want", [([], False), (["--compile"], True), (["--no-compile"], False)])
+def test_bench_compile_flag_reaches_run_bench(argv, want):
+    import argparse
+
+    from qvlm_offline.bench import add_bench_args, bench_kwargs
+
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    assert bench_kwargs(p.parse_args(argv))["compile"] is want

@@ -17,7 +17,8 @@ from pathlib import Path
 
 def run_jobs(jobs: list[dict], workdir: Path, timeout: int = 900, env: dict | None = None) -> list[dict]:
     """``jobs``: dicts with ``model`` and optional ``quantization``, ``n_prompts``, ``max_tokens``,
-    ``logprobs``, ``tensor_parallel_size``, ``dtype``."""
+    ``logprobs``, ``tensor_parallel_size``, ``dtype``, ``enforce_eager`` (default True: no
+    torch.compile warm-up)."""
     workdir.mkdir(parents=True, exist_ok=True)
     jobs_file, out_file = workdir / "jobs.json", workdir / "results.json"
     jobs_file.write_text(json.dumps(jobs))
@@ -43,7 +44,7 @@ def _run(job: dict) -> dict:
     tp = job.get("tensor_parallel_size", 1)
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], quantization=job.get("quantization"), dtype=job.get("dtype", "bfloat16"),
-              enforce_eager=True, max_model_len=512, max_num_seqs=job.get("max_num_seqs", max(n, 1)), limit_mm_per_prompt={"image": 1},
+              enforce_eager=job.get("enforce_eager", True), max_model_len=512, max_num_seqs=job.get("max_num_seqs", max(n, 1)), limit_mm_per_prompt={"image": 1},
               distributed_executor_backend="uni" if tp == 1 else "mp", tensor_parallel_size=tp, seed=0)
     t1 = time.perf_counter()
     requests = [{"prompt": llava_prompt(q), "multi_modal_data": {"image": img}} for img, q in tiny_prompts(n)]

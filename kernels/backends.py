@@ -154,7 +154,7 @@ class CpuWNA16Backend(Backend):
             z = regroup(qzeros, spec.group_size, k, gs).to(torch.int32)  # [G', N]
             zeros = pack_int4(z.t().contiguous()).t().contiguous()  # [G', N/8], output-packed
         # Same choice as vLLM's own CPU GPTQ/AWQ kernel: AMX tiles for bf16 where present.
-        isa = "amx" if act_dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+        isa = "amx" if act_dtype == torch.bfloat16 and amx_usable() else "vec"
         return Prepared(spec, k, n, {"qweight": w, "scales": s, "qzeros": zeros, "isa": isa})
 
     def apply(self, p, x, bias):
@@ -207,9 +207,19 @@ class CpuInt8Backend(Backend):
         return out.reshape(*shape[:-1], p.out_features)
 
 
+def amx_usable() -> bool:
+    """AMX tiles present and this process allowed to use them.
+
+    Linux grants the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); vLLM-CPU's
+    AMX ops do not ask, so without an earlier request (oneDNN's, or qvlm's kernels') their
+    first tile instruction dies with SIGILL.
+    """
+    return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
+
+
 def _amx_vllm_op(name: str) -> bool:
     """A vLLM-CPU AMX op that this build registers and this processor can run."""
-    return torch.cpu._is_amx_tile_supported() and has_vllm_op(name)
+    return amx_usable() and has_vllm_op(name)
 
 
 class CpuAmxInt8Backend(Backend):

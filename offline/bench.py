@@ -26,6 +26,11 @@ What it measures, in one run (``run_bench``):
    * the kernel each scheme ended up on (the ``qvlm: <scheme> layers run on the <backend>
      kernel`` log line of the plugin, captured in the child; ``select_backend`` is asked
      directly when no line was seen).
+   * vLLM's own kernel on the same weights (``vllm_kernels``): a ``SCHEME@OP`` row loads the
+     scheme's checkpoint with ``QVLM_KERNEL=OP`` (vLLM-CPU's ``cpu_gemm_wna16``, as its GPTQ
+     path runs int4 weights with 16-bit activations; ``int4_scaled_mm_cpu`` as its AMX int4
+     path; its int8 GEMMs), where the processor has the op for every layer and the scheme's
+     own row does not run it already.  Same bytes, same model, only the kernel differs.
 
 4. Weight bytes from the checkpoint headers: total, the quantized linears against their
    bf16 size, and the bytes one decode step reads (decoder layers, final norm, ``lm_head``;
@@ -186,6 +191,8 @@ def _prepare(job: dict) -> dict:
             (out / ".bench-spec.json").write_text(marker + scheme + qtag)
             timings[f"quantize_{scheme}_s"] = time.perf_counter() - t0
         models[scheme] = {"path": str(out), "weights": weight_bytes(out)}
+        if job.get("vllm_kernels"):
+            models[scheme]["vllm_builtin"] = _vllm_builtin(str(out), scheme)
     return {"models": models, "timings": timings}
 
 
@@ -254,21 +261,56 @@ def _kernel_from_logs(messages: list[str], scheme: str) -> list[str]:
     return sorted({m.group(1) for msg in messages if (m := pat.search(msg))})
 
 
-def _predicted_kernel(model_dir: str) -> str:
-    """What ``select_backend`` picks for the model's first quantized linear (bf16 activations)."""
-    import torch
-
+def _quantized_layers(model_dir: str) -> list[tuple]:
+    """(module, LayerSpec, in_features, out_features) of every quantized linear in the checkpoint."""
     from qvlm_kernels.checkpoint import load_quant_config, tensor_table
-    from qvlm_kernels.dispatch import select_backend
 
     cfg = load_quant_config(model_dir)
+    layers = []
     for name, info in tensor_table(model_dir).items():
         if name.endswith(".qweight"):
             module = name.rpartition(".")[0]
             spec = cfg.layer_spec(module)
-            k = info.shape[0] * spec.pack_factor
-            return select_backend(spec, k, info.shape[1], torch.bfloat16, "cpu").name
-    raise ValueError(f"{model_dir}: no quantized linear")
+            layers.append((module, spec, info.shape[0] * spec.pack_factor, info.shape[1]))
+    if not layers:
+        raise ValueError(f"{model_dir}: no quantized linear")
+    return layers
+
+
+def _predicted_kernel(model_dir: str) -> str:
+    """What ``select_backend`` picks for the model's first quantized linear (bf16 activations)."""
+    import torch
+
+    from qvlm_kernels.dispatch import select_backend
+
+    _, spec, k, n = _quantized_layers(model_dir)[0]
+    return select_backend(spec, k, n, torch.bfloat16, "cpu").name
+
+
+# vLLM-CPU's own ops for each scheme's weights, in the order vLLM itself would use them: what
+# its GPTQ/AWQ (int4) and compressed-tensors (int8) CPU paths call.
+VLLM_BUILTIN = {"w4a16": ("cpu_wna16",), "w4a8": ("cpu_amx_w4a8",), "w8a8": ("cpu_amx_int8", "cpu_onednn_int8")}
+
+
+def _vllm_builtin(model_dir: str, scheme: str) -> dict:
+    """vLLM's own kernel for this checkpoint on this processor, or why there is no comparison row.
+
+    None when vLLM has no op for the scheme here (e.g. no AMX), or when the dispatcher already
+    runs vLLM's op (w8a8 on AMX): that configuration's own row is the comparison.
+    """
+    import torch
+
+    from qvlm_kernels.dispatch import _all_backends, select_backend
+
+    layers = _quantized_layers(model_dir)
+    chosen = {select_backend(spec, k, n, torch.bfloat16, "cpu").name for _, spec, k, n in layers}
+    backends = _all_backends()
+    for name in VLLM_BUILTIN.get(scheme, ()):
+        if all(backends[name].supports(spec, k, n, torch.bfloat16) for _, spec, k, n in layers):
+            if chosen == {name}:
+                return {"backend": None, "reason": f"the {scheme} row already runs vLLM's {name}"}
+            return {"backend": name, "reason": None}
+    return {"backend": None, "reason": f"vLLM-CPU has no op for {scheme} with these shapes on this processor"}
 
 
 def _measure(job: dict) -> dict:
@@ -282,6 +324,8 @@ def _measure(job: dict) -> dict:
     from .tiny_llava import llava_prompt, tiny_prompts
 
     t_import = time.perf_counter() - t0
+    if job.get("force_kernel"):
+        os.environ["QVLM_KERNEL"] = job["force_kernel"]  # read by the plugin's dispatcher at load
     capture = _Capture()  # after vLLM configured its logging (which would drop our handler)
     t0 = time.perf_counter()
     llm = LLM(
@@ -442,6 +486,7 @@ def run_bench(
     repeats: int = 2,
     ttft_repeats: int = 1,
     compile: bool = False,
+    vllm_kernels: bool = True,
     threads: int | None = None,
     bandwidth_mib: int | None = None,
     rebuild: bool = False,
@@ -474,7 +519,8 @@ def run_bench(
     say(f"[bench] model: {spec['name']}, {layers} decoder + {vision_layers} vision layers, in {workdir}")
     t0 = time.perf_counter()
     prep = _run_child("prepare", {"spec": spec, "workdir": str(workdir), "src_name": src_name,
-                                  "schemes": schemes, "rebuild": rebuild, "quantize_lm_head": quantize_lm_head},
+                                  "schemes": schemes, "rebuild": rebuild, "quantize_lm_head": quantize_lm_head,
+                                  "vllm_kernels": vllm_kernels},
                       workdir, "prepare", threads, child_timeout)
     prepare_s = time.perf_counter() - t0
     say(f"[bench] model + {len(schemes)} quantized copies ready in {prepare_s:.0f} s {prep['timings']}")
@@ -484,11 +530,20 @@ def run_bench(
                     threads, child_timeout)
     say(f"[bench] memory bandwidth (copy, {threads} threads): {bw['copy_GBps']:.1f} GB/s")
 
+    runs = [("bf16", "bf16", None)]  # (config name, model, forced backend)
+    for scheme in schemes:
+        runs.append((scheme, scheme, None))
+        builtin = prep["models"][scheme].get("vllm_builtin")
+        if builtin and builtin["backend"]:
+            runs.append((f"{scheme}@{builtin['backend']}", scheme, builtin["backend"]))
+        elif builtin:
+            say(f"[bench] no vLLM-kernel row for {scheme}: {builtin['reason']}")
     configs = []
-    for name in ["bf16", *schemes]:
-        model = prep["models"][name]
+    for name, model_name, force_kernel in runs:
+        model = prep["models"][model_name]
         job = {"model": model["path"], "quantization": None if name == "bf16" else "qvlm",
-               "scheme": None if name == "bf16" else name, "batch_sizes": batch_sizes,
+               "scheme": None if name == "bf16" else model_name, "force_kernel": force_kernel,
+               "batch_sizes": batch_sizes,
                "decode_tokens": decode_tokens, "repeats": repeats, "ttft_repeats": ttft_repeats,
                "max_model_len": max_model_len, "image_size": spec["image_size"], "compile": compile}
         t0 = time.perf_counter()
@@ -511,7 +566,8 @@ def run_bench(
             # Upper bounds if a step only had to stream its weights at the measured bandwidth:
             d["bound_tokens_per_s_runtime_bytes"] = d["batch"] * bw["copy_GBps"] * 1e9 / runtime_bytes
             d["bound_tokens_per_s_stored_bytes"] = d["batch"] * bw["copy_GBps"] * 1e9 / w["decode_step_bytes_stored"]
-        configs.append({"name": name, "scheme": job["scheme"], "model_dir": model["path"], "weights": w,
+        configs.append({"name": name, "scheme": job["scheme"], "forced_kernel": force_kernel,
+                        "model_dir": model["path"], "weights": w,
                         "decode_bytes_read_per_step": runtime_bytes, "child_wall_s": time.perf_counter() - t0, **m})
         say(f"[bench] {name}: kernel {m['kernel']}, TTFT {m['ttft_s']:.2f} s, "
             + ", ".join(f"b{b} {d['tokens_per_s']:.2f} tok/s" for b, d in m["decode"].items()))
@@ -687,6 +743,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="run every configuration in vLLM's default torch.compile mode (inductor fuses the norms "
                    "and activations around the linears; about a minute of compilation per configuration at 7B "
                    "widths, cached under ~/.cache/vllm) instead of eager mode (default: eager)")
+    p.add_argument("--vllm-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure each scheme's checkpoint on vLLM-CPU's own op for such weights (SCHEME@OP "
+                   "rows: cpu_wna16 as vLLM's GPTQ path runs int4 with 16-bit activations, cpu_amx_w4a8 as its "
+                   "AMX int4 path, its int8 GEMMs for w8a8) where this processor has the op and the scheme's row "
+                   "does not already run it (default: on)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for every child (vLLM and the bandwidth test) (default: usable CPUs)")
     p.add_argument("--tiny", action="store_true", help="tiny test-model dimensions instead of 7B widths (smoke run)")
@@ -700,7 +761,7 @@ def bench_kwargs(args: argparse.Namespace) -> dict:
     return dict(layers=args.layers, vision_layers=args.vision_layers, schemes=tuple(args.schemes),
                 batch_sizes=tuple(args.batch_sizes), decode_tokens=args.decode_tokens, json_path=args.json,
                 png_path=args.png, tiny=args.tiny, repeats=args.repeats, ttft_repeats=args.ttft_repeats,
-                compile=args.compile, threads=args.threads, rebuild=args.rebuild, quantize_lm_head=args.quantize_lm_head)
+                compile=args.compile, vllm_kernels=args.vllm_kernels, threads=args.threads, rebuild=args.rebuild, quantize_lm_head=args.quantize_lm_head)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,3 +83,30 @@ def test_forced_backend_and_unknown_name(monkeypatch):
     monkeypatch.setenv("QVLM_KERNEL", "nope")
     with pytest.raises(ValueError, match="not a backend"):
         select_backend(spec, 256, 96, torch.bfloat16, "cpu")
+
+
+def test_vllm_amx_ops_run_in_a_fresh_process():
+    """vLLM-CPU's AMX ops do not request the AMX tile state from Linux; the backends must, or a
+    process that has not used AMX before (no oneDNN or qvlm kernel call yet) dies with SIGILL."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = _spec("w4a16", 128, True)
+    if not CpuWNA16Backend.supports(spec, 256, 96, torch.bfloat16) or not torch.cpu._is_amx_tile_supported():
+        pytest.skip("no AMX or no cpu_gemm_wna16 in this vLLM-CPU build")
+    code = (
+        "import torch\n"
+        "from offline_helpers import make_layer_tensors\n"
+        "from qvlm_kernels.backends import CpuWNA16Backend\n"
+        "from qvlm_kernels.format import QVLMQuantConfig\n"
+        "spec = QVLMQuantConfig(scheme='w4a16', group_size=128, symmetric=True).layer_spec('m')\n"
+        "t = make_layer_tensors(256, 96, spec, seed=0)\n"
+        "b = CpuWNA16Backend()\n"
+        "p = b.prepare(t['qweight'], t['scales'], None, spec, torch.bfloat16)\n"
+        "assert p.tensors['isa'] == 'amx'\n"
+        "print(b.apply(p, torch.randn(1, 256, dtype=torch.bfloat16), None).shape)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])

@@ -41,13 +41,23 @@ class Backend:
         raise NotImplementedError
 
 
-def vllm_ops():
-    """vLLM's compiled ops, with the platform's kernel library loaded (as vLLM's workers do)."""
-    from vllm import _custom_ops as ops
-    from vllm.platforms import current_platform
+_VLLM_OPS = None
 
-    current_platform.import_kernels()
-    return ops
+
+def vllm_ops():
+    """vLLM's compiled ops, with the platform's kernel library loaded (as vLLM's workers do).
+
+    Loaded once: after that the call is a global read, which torch.compile traces through
+    (``import_kernels`` probes the CPU with functions Dynamo refuses to trace).
+    """
+    global _VLLM_OPS
+    if _VLLM_OPS is None:
+        from vllm import _custom_ops as ops
+        from vllm.platforms import current_platform
+
+        current_platform.import_kernels()
+        _VLLM_OPS = ops
+    return _VLLM_OPS
 
 
 def has_vllm_op(name: str) -> bool:

@@ -65,6 +65,14 @@ def _export(src, out, scheme, method="rtn", **kw):
                  "--num-samples", "4", "--iters", "5", "--smooth"]) == 0
 
 
+def _wna16_here() -> bool:
+    from qvlm_kernels.backends import CpuWNA16Backend
+    from qvlm_kernels.format import QVLMQuantConfig
+
+    spec = QVLMQuantConfig(scheme="w4a16").layer_spec("m")
+    return CpuWNA16Backend.supports(spec, 256, 96, torch.bfloat16)
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
@@ -87,6 +95,10 @@ def e2e(tmp_path_factory):
             # vLLM's default mode (torch.compile, the ops traced through their fake kernels).
             jobs[(name, "bfloat16-compiled")] = {"model": str(q), "dtype": "bfloat16", "quantization": quant,
                                                  "enforce_eager": False, **common}
+    if _wna16_here():  # vLLM's own int4 op, as `qvlm bench`'s w4a16@cpu_wna16 row runs it, compiled
+        jobs[("w4a16", "bfloat16-compiled-cpu_wna16")] = {
+            "model": str(models["w4a16"][1]), "dtype": "bfloat16", "quantization": "qvlm", "enforce_eager": False,
+            "kernel": "cpu_wna16", **common}
     results = run_jobs(list(jobs.values()), root / "run")
     return models, dict(zip(jobs, results))
 
@@ -147,6 +159,18 @@ def test_vllm_qvlm_bf16_matches_dequantized_reference(e2e, case, mode):
     src, qdir = models[case]
     model, processor = dequantized_reference(src, qdir)
     steps, worst, _ = compare(results[(case, mode)], model, processor, chosen_only=True)
+    assert steps >= N_PROMPTS * N_TOKENS // 2, f"only {steps} steps before a near tie"
+    assert math.isfinite(worst) and worst < BF16_TOL, f"chosen-token |logprob diff| {worst:.4f} nats"
+
+
+def test_vllm_cpu_int4_op_under_torch_compile(e2e):
+    """vLLM-CPU's cpu_gemm_wna16 forced on the w4a16 checkpoint, in torch.compile mode."""
+    models, results = e2e
+    if ("w4a16", "bfloat16-compiled-cpu_wna16") not in results:
+        pytest.skip("this vLLM-CPU build/processor has no cpu_gemm_wna16")
+    src, qdir = models["w4a16"]
+    model, processor = dequantized_reference(src, qdir)
+    steps, worst, _ = compare(results[("w4a16", "bfloat16-compiled-cpu_wna16")], model, processor, chosen_only=True)
     assert steps >= N_PROMPTS * N_TOKENS // 2, f"only {steps} steps before a near tie"
     assert math.isfinite(worst) and worst < BF16_TOL, f"chosen-token |logprob diff| {worst:.4f} nats"
 

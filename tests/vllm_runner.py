@@ -18,7 +18,7 @@ from pathlib import Path
 def run_jobs(jobs: list[dict], workdir: Path, timeout: int = 900, env: dict | None = None) -> list[dict]:
     """``jobs``: dicts with ``model`` and optional ``quantization``, ``n_prompts``, ``max_tokens``,
     ``logprobs``, ``tensor_parallel_size``, ``dtype``, ``enforce_eager`` (default True: no
-    torch.compile warm-up)."""
+    torch.compile warm-up), ``kernel`` (a backend name forced through ``QVLM_KERNEL``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     jobs_file, out_file = workdir / "jobs.json", workdir / "results.json"
     jobs_file.write_text(json.dumps(jobs))
@@ -43,6 +43,10 @@ def _run(job: dict) -> dict:
     n = job.get("n_prompts", 2)
     tp = job.get("tensor_parallel_size", 1)
     t0 = time.perf_counter()
+    if job.get("kernel"):  # a forced qvlm backend (QVLM_KERNEL) for this job only
+        os.environ["QVLM_KERNEL"] = job["kernel"]
+    else:
+        os.environ.pop("QVLM_KERNEL", None)
     llm = LLM(model=job["model"], quantization=job.get("quantization"), dtype=job.get("dtype", "bfloat16"),
               enforce_eager=job.get("enforce_eager", True), max_model_len=512, max_num_seqs=job.get("max_num_seqs", max(n, 1)), limit_mm_per_prompt={"image": 1},
               distributed_executor_backend="uni" if tp == 1 else "mp", tensor_parallel_size=tp, seed=0)

@@ -152,6 +152,7 @@ class CpuWNA16Backend(Backend):
         )
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+        vllm_ops()  # loaded here, outside torch.compile's tracing of apply
         k, n = _shape(qweight, spec)
         gs = uniform_group_size(k, spec.group_size)
         s = regroup(scales, spec.group_size, k, gs).to(act_dtype)

@@ -41,6 +41,16 @@ class Backend:
         raise NotImplementedError
 
 
+def amx_usable() -> bool:
+    """AMX tiles present and this process allowed to use them.
+
+    Linux grants the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); vLLM-CPU's
+    AMX ops do not ask, so without an earlier request (oneDNN's, or qvlm's kernels') their
+    first tile instruction dies with SIGILL.
+    """
+    return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
+
+
 _VLLM_OPS = None
 
 
@@ -56,6 +66,7 @@ def vllm_ops():
         from vllm.platforms import current_platform
 
         current_platform.import_kernels()
+        amx_usable()  # every backend on vLLM's ops loads them at prepare, forced (QVLM_KERNEL) or not
         _VLLM_OPS = ops
     return _VLLM_OPS
 
@@ -216,16 +227,6 @@ class CpuInt8Backend(Backend):
         out = torch.empty((x2.shape[0], p.out_features), dtype=x.dtype, device=x.device)
         ops.onednn_scaled_mm(p.tensors["handle"], xq, out, xs, xzp, None, bias)
         return out.reshape(*shape[:-1], p.out_features)
-
-
-def amx_usable() -> bool:
-    """AMX tiles present and this process allowed to use them.
-
-    Linux grants the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); vLLM-CPU's
-    AMX ops do not ask, so without an earlier request (oneDNN's, or qvlm's kernels') their
-    first tile instruction dies with SIGILL.
-    """
-    return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
 
 
 def _amx_vllm_op(name: str) -> bool:

@@ -761,7 +761,8 @@ def bench_kwargs(args: argparse.Namespace) -> dict:
     return dict(layers=args.layers, vision_layers=args.vision_layers, schemes=tuple(args.schemes),
                 batch_sizes=tuple(args.batch_sizes), decode_tokens=args.decode_tokens, json_path=args.json,
                 png_path=args.png, tiny=args.tiny, repeats=args.repeats, ttft_repeats=args.ttft_repeats,
-                compile=args.compile, vllm_kernels=args.vllm_kernels, threads=args.threads, rebuild=args.rebuild, quantize_lm_head=args.quantize_lm_head)
+                compile=args.compile, vllm_kernels=args.vllm_kernels, threads=args.threads, rebuild=args.rebuild,
+                quantize_lm_head=args.quantize_lm_head)
 
 
 def main(argv: list[str] | None = None) -> int:

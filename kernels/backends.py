@@ -31,8 +31,40 @@ class Prepared:
     tensors: dict[str, Any]
 
 
+def first_refusal(checks) -> tuple[bool, str | None]:
+    """``(True, None)`` when every condition holds, else ``(False, reason of the first that fails)``.
+
+    ``checks``: ``(condition, reason)`` pairs in order; a callable condition (a probe that
+    loads a library) is only called when every condition before it held.
+    """
+    for ok, reason in checks:
+        if not (ok() if callable(ok) else ok):
+            return False, reason() if callable(reason) else reason
+    return True, None
+
+
 class Backend:
+    """A kernel for stored qvlm layers.
+
+    ``can_implement(spec, K, N, act_dtype) -> (ok, reason)`` says whether it runs a layer on
+    this machine and, when not, why (as vLLM's kernel classes do); the dispatcher reports
+    the reasons of every backend it passed over.
+    """
+
     name = "base"
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec, in_features: int, out_features: int,
+                      act_dtype: torch.dtype) -> tuple[bool, str | None]:
+        return True, None  # the portable backends run everything
+
+    @classmethod
+    def supports(cls, spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
+        return cls.can_implement(spec, in_features, out_features, act_dtype)[0]
+
+    def detail(self, p: "Prepared") -> str:
+        """More on what runs a prepared layer, for the load log (vLLM's choice, for its kernel layers)."""
+        return ""
 
     def prepare(self, qweight, scales, qzeros, spec: LayerSpec, act_dtype: torch.dtype) -> Prepared:
         raise NotImplementedError
@@ -150,17 +182,16 @@ class CpuWNA16Backend(Backend):
 
     name = "cpu_wna16"
 
-    @staticmethod
-    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return (
-            spec.bits == 4
-            and spec.act_mode == "none"
-            and has_vllm_op("cpu_gemm_wna16")
-            and act_dtype in (torch.bfloat16, torch.float16)
-            and in_features % 32 == 0
-            and out_features % 32 == 0
-            and uniform_group_size(in_features, spec.group_size) % 2 == 0
-        )
+    @classmethod
+    def can_implement(cls, spec, in_features, out_features, act_dtype):
+        return first_refusal([
+            (spec.bits == 4 and spec.act_mode == "none", f"int4 weights with 16-bit activations only, not {spec.scheme}"),
+            (act_dtype in (torch.bfloat16, torch.float16), f"bf16/fp16 activations only, not {act_dtype}"),
+            (in_features % 32 == 0 and out_features % 32 == 0, f"K={in_features} and N={out_features} must be multiples of 32"),
+            (uniform_group_size(in_features, spec.group_size) % 2 == 0,
+             f"groups of {spec.group_size} over K={in_features} do not re-express as even-sized groups"),
+            (lambda: has_vllm_op("cpu_gemm_wna16"), "this vLLM-CPU build has no cpu_gemm_wna16"),
+        ])
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
         vllm_ops()  # loaded here, outside torch.compile's tracing of apply
@@ -194,21 +225,25 @@ def _int8_per_channel_x_int8(spec: LayerSpec) -> bool:
             and spec.act_mode == "int8_dynamic" and spec.act_bits == 8)
 
 
+_INT8_LAYOUT_REFUSAL = "w8a8 only (symmetric per-channel int8 weights, per-token int8 activations)"
+
+
 class CpuInt8Backend(Backend):
     """oneDNN int8 x int8 GEMM with dynamic per-token activation scales (vLLM-CPU ops)."""
 
     name = "cpu_onednn_int8"
 
-    @staticmethod
-    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return (
-            _int8_per_channel_x_int8(spec)
-            and act_dtype in _INT8_ACT_DTYPES  # float32 models keep the reference arithmetic (see below)
-            and has_vllm_op("create_onednn_scaled_mm_handler")
+    @classmethod
+    def can_implement(cls, spec, in_features, out_features, act_dtype):
+        return first_refusal([
+            (_int8_per_channel_x_int8(spec), _INT8_LAYOUT_REFUSAL),
+            # float32 models keep the reference arithmetic (see _INT8_ACT_DTYPES)
+            (act_dtype in _INT8_ACT_DTYPES, f"bf16/fp16 models only, not {act_dtype}"),
+            (lambda: has_vllm_op("create_onednn_scaled_mm_handler"), "this vLLM-CPU build has no oneDNN scaled-mm"),
             # Without VNNI, oneDNN's u8*s8 path sums products pairwise in int16 and
             # saturates on full-range int8 weights (measured: 15% error here).
-            and torch.cpu._is_vnni_supported()
-        )
+            (lambda: torch.cpu._is_vnni_supported(), "no AVX512-VNNI: oneDNN's int8 path saturates without it"),
+        ])
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
         ops = vllm_ops()
@@ -234,6 +269,9 @@ def _amx_vllm_op(name: str) -> bool:
     return amx_usable() and has_vllm_op(name)
 
 
+_NO_AMX_OP = "no AMX tiles on this processor, or no {} in this vLLM-CPU build"
+
+
 class CpuAmxInt8Backend(Backend):
     """vLLM-CPU's AMX int8 GEMM with per-token dynamic int8 activations (``int8_scaled_mm_with_quant``).
 
@@ -242,15 +280,15 @@ class CpuAmxInt8Backend(Backend):
 
     name = "cpu_amx_int8"
 
-    @staticmethod
-    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return (
-            _int8_per_channel_x_int8(spec)
-            and act_dtype == torch.bfloat16
-            and in_features % 32 == 0
-            and out_features % 16 == 0
-            and _amx_vllm_op("int8_scaled_mm_with_quant")
-        )
+    @classmethod
+    def can_implement(cls, spec, in_features, out_features, act_dtype):
+        return first_refusal([
+            (_int8_per_channel_x_int8(spec), _INT8_LAYOUT_REFUSAL),
+            (act_dtype == torch.bfloat16, f"bf16 activations only, not {act_dtype}"),
+            (in_features % 32 == 0 and out_features % 16 == 0,
+             f"K={in_features} must be a multiple of 32 and N={out_features} of 16"),
+            (lambda: _amx_vllm_op("int8_scaled_mm_with_quant"), _NO_AMX_OP.format("int8_scaled_mm_with_quant")),
+        ])
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
         vllm_ops()
@@ -277,18 +315,18 @@ class CpuAmxW4A8Backend(Backend):
     name = "cpu_amx_w4a8"
     _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # vLLM's int4 packing order within 8 columns
 
-    @staticmethod
-    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return (
-            spec.bits == 4
-            and spec.act_mode == "int8_dynamic"
-            and spec.act_bits == 8
-            and act_dtype == torch.bfloat16
-            and in_features % 128 == 0
-            and out_features % 32 == 0
-            and uniform_group_size(in_features, spec.group_size) % 32 == 0
-            and _amx_vllm_op("int4_scaled_mm_cpu")
-        )
+    @classmethod
+    def can_implement(cls, spec, in_features, out_features, act_dtype):
+        return first_refusal([
+            (spec.bits == 4 and spec.act_mode == "int8_dynamic" and spec.act_bits == 8,
+             f"int4 weights with per-token int8 activations only, not {spec.scheme}"),
+            (act_dtype == torch.bfloat16, f"bf16 activations only, not {act_dtype}"),
+            (in_features % 128 == 0 and out_features % 32 == 0,
+             f"K={in_features} must be a multiple of 128 and N={out_features} of 32"),
+            (uniform_group_size(in_features, spec.group_size) % 32 == 0,
+             f"groups of {spec.group_size} over K={in_features} do not re-express as multiples of 32"),
+            (lambda: _amx_vllm_op("int4_scaled_mm_cpu"), _NO_AMX_OP.format("int4_scaled_mm_cpu")),
+        ])
 
     @classmethod
     def _pack_columns(cls, codes: torch.Tensor) -> torch.Tensor:
@@ -336,6 +374,12 @@ def _qvlm_cpu_available() -> bool:
 _INT8_ACT_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _qvlm_cpu_refusal() -> str:
+    from . import cpu_ext
+
+    return f"qvlm's CPU kernel library is unavailable: {cpu_ext.unavailable_reason()}"
+
+
 def _require_qvlm_cpu() -> None:
     """Build/load the library before the first apply (also when a backend is forced)."""
     from . import cpu_ext
@@ -380,16 +424,17 @@ class QvlmCpuW4A16Backend(Backend):
     gemm_min_rows = -1  # -1: the kernel library's default for this processor and dtype
 
     @classmethod
-    def supports(cls, spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return (
-            spec.bits == 4
-            and spec.act_mode == cls.act_mode
-            and (spec.act_mode == "none" or spec.act_bits == 8)
-            and (spec.group_size == -1 or (spec.group_size > 0 and spec.group_size % 8 == 0))
-            and in_features % 8 == 0
-            and act_dtype in cls.act_dtypes
-            and _qvlm_cpu_available()
-        )
+    def can_implement(cls, spec, in_features, out_features, act_dtype):
+        return first_refusal([
+            (spec.bits == 4 and spec.act_mode == cls.act_mode and (spec.act_mode == "none" or spec.act_bits == 8),
+             f"int4 weights with {'16-bit' if cls.act_mode == 'none' else 'per-token int8'} activations only, "
+             f"not {spec.scheme}"),
+            (spec.group_size == -1 or (spec.group_size > 0 and spec.group_size % 8 == 0),
+             f"group size {spec.group_size} is not a multiple of 8"),
+            (in_features % 8 == 0, f"K={in_features} is not a multiple of 8"),
+            (act_dtype in cls.act_dtypes, f"{act_dtype} activations are not among {list(cls.act_dtypes)}"),
+            (_qvlm_cpu_available, _qvlm_cpu_refusal),
+        ])
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
         _require_qvlm_cpu()
@@ -433,13 +478,13 @@ class QvlmCpuW8A8Backend(Backend):
 
     name = "qvlm_cpu_w8a8"
 
-    @staticmethod
-    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return (
-            _int8_per_channel_x_int8(spec)
-            and act_dtype in _INT8_ACT_DTYPES
-            and _qvlm_cpu_available()
-        )
+    @classmethod
+    def can_implement(cls, spec, in_features, out_features, act_dtype):
+        return first_refusal([
+            (_int8_per_channel_x_int8(spec), _INT8_LAYOUT_REFUSAL),
+            (act_dtype in _INT8_ACT_DTYPES, f"bf16/fp16 models only, not {act_dtype}"),
+            (_qvlm_cpu_available, _qvlm_cpu_refusal),
+        ])
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
         _require_qvlm_cpu()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_ops
-from .backends import Backend, Prepared, _shape
+from .backends import _INT8_LAYOUT_REFUSAL, Backend, Prepared, _shape, first_refusal
 from .format import LayerSpec
 
 
@@ -20,9 +20,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 class TritonW4A16Backend(Backend):
     name = "triton_w4a16"
 
-    @staticmethod
-    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return spec.bits == 4 and spec.act_mode == "none"
+    @classmethod
+    def can_implement(cls, spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype):
+        return first_refusal([(spec.bits == 4 and spec.act_mode == "none",
+                               f"int4 weights with 16-bit activations only, not {spec.scheme}")])
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
         k, n = _shape(qweight, spec)
@@ -38,9 +39,10 @@ class TritonW4A16Backend(Backend):
 class TritonW8A8Backend(Backend):
     name = "triton_w8a8"
 
-    @staticmethod
-    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return spec.bits == 8 and spec.group_size == -1 and spec.symmetric and spec.act_mode == "int8_dynamic"
+    @classmethod
+    def can_implement(cls, spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype):
+        return first_refusal([(spec.bits == 8 and spec.group_size == -1 and spec.symmetric
+                               and spec.act_mode == "int8_dynamic", _INT8_LAYOUT_REFUSAL)])
 
     def prepare(self, qweight, scales, qzeros, spec, act_dtype):
         k, n = _shape(qweight, spec)
@@ -56,9 +58,10 @@ class TritonW8A8Backend(Backend):
 class TritonW4A8Backend(TritonW4A16Backend):
     name = "triton_w4a8"
 
-    @staticmethod
-    def supports(spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype) -> bool:
-        return spec.bits == 4 and spec.act_mode == "int8_dynamic"
+    @classmethod
+    def can_implement(cls, spec: LayerSpec, in_features: int, out_features: int, act_dtype: torch.dtype):
+        return first_refusal([(spec.bits == 4 and spec.act_mode == "int8_dynamic",
+                               f"int4 weights with per-token int8 activations only, not {spec.scheme}")])
 
     def apply(self, p, x, bias):
         t = p.tensors

@@ -71,9 +71,20 @@ def test_portable_backends_match_reference(backend_cls, scheme, gs, sym):
 @pytest.mark.parametrize("k,n,m", [(256, 96, 7), (640, 160, 1), (640, 160, 40)])
 def test_vllm_cpu_backends_where_available(scheme, gs, sym, cls, k, n, m):
     spec = _spec(scheme, gs, sym)
-    if not cls.supports(spec, k, n, torch.bfloat16):
-        pytest.skip(f"{cls.name}: not provided by this vLLM-CPU build/processor")
+    ok, why = cls.can_implement(spec, k, n, torch.bfloat16)
+    if not ok:
+        pytest.skip(f"{cls.name}: {why}")
     _check(cls(), spec, k, n, torch.bfloat16, "cpu", m=m)
+
+
+def test_every_refusal_has_a_reason_and_the_fallback_is_dense():
+    """Fake-quant schemes pass every CPU kernel over, each saying why; the dense fallback runs them."""
+    from qvlm_kernels.dispatch import candidates, choose_backend
+
+    backend, refused = choose_backend(_spec("w6a6", 128, True), 256, 96, torch.bfloat16, "cpu")
+    assert backend.name == "dequantized"
+    assert [name for name, _ in refused] == [b.name for b in candidates("cpu")]
+    assert all("w6a6" in why or "w8a8" in why for _, why in refused), refused  # each names what it takes
 
 
 def test_forced_backend_and_unknown_name(monkeypatch):

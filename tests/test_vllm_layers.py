@@ -1,7 +1,5 @@
 """The plugin inside real vLLM linear layers: fused shard loading, kernels, fallbacks."""
 
-import socket
-
 import pytest
 import torch
 
@@ -10,26 +8,6 @@ from qvlm_kernels import reference
 from qvlm_kernels.format import QVLMQuantConfig
 
 vllm = pytest.importorskip("vllm")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def vllm_env():
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-
-    import vllm_qvlm
-
-    vllm_qvlm.register()
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
-        initialize_model_parallel(1, 1)
-        yield
 
 
 def _config(scheme, group_size, symmetric, modules):

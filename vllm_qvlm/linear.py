@@ -22,7 +22,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from qvlm_kernels.dispatch import select_backend
+from qvlm_kernels.dispatch import choose_backend
 from qvlm_kernels.format import QWEIGHT, QZEROS, SCALES, FormatError, LayerSpec, num_groups
 
 logger = init_logger("vllm.qvlm")  # under vLLM's logger tree, so its handlers print it
@@ -104,13 +104,16 @@ class QVLMLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         qweight = layer.qweight.data
         k, n = layer.qvlm_in_out
-        backend = select_backend(self.spec, k, n, layer.qvlm_act_dtype, qweight.device)
-        key = (backend.name, self.spec.scheme)
-        if key not in _logged_backends:
-            _logged_backends.add(key)
-            logger.info("qvlm: %s layers run on the %s kernel", self.spec.scheme, backend.name)
+        backend, refused = choose_backend(self.spec, k, n, layer.qvlm_act_dtype, qweight.device)
         qzeros = layer.qzeros.data if hasattr(layer, QZEROS) else None
         prepared = backend.prepare(qweight, layer.scales.data, qzeros, self.spec, layer.qvlm_act_dtype)
+        key = (backend.name, self.spec.scheme)
+        if key not in _logged_backends:  # once per scheme and kernel, with why the ones before it were passed over
+            _logged_backends.add(key)
+            why = "; ".join(f"{name}: {reason}" for name, reason in refused)
+            logger.info("qvlm: %s layers run on the %s kernel%s (first: %s, K=%d N=%d)%s", self.spec.scheme,
+                        backend.name, f" [{d}]" if (d := backend.detail(prepared)) else "", self.prefix, k, n,
+                        f"; passed over: {why}" if why else "")
         for name in (QWEIGHT, SCALES, QZEROS):
             if hasattr(layer, name):
                 delattr(layer, name)

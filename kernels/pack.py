@@ -61,3 +61,30 @@ def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.T
     if group_size == -1:
         return t.expand(in_features, t.shape[1])
     return t.repeat_interleave(group_size, dim=0)[:in_features]
+
+
+def append_zero_rows(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, spec,
+                     rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A layer's stored tensors with ``rows`` more input rows whose weights dequantize to exactly 0.
+
+    The new rows' codes equal their zero point (``(u - z) * s == 0`` whatever the scale): in
+    new groups of their own for group-wise layers (``rows`` a multiple of the group size,
+    scale 1, the implicit zero point), in the existing per-channel group otherwise.
+    """
+    k, n = qweight.shape[0] * spec.pack_factor, qweight.shape[1]
+    if spec.group_size != -1:
+        if k % spec.group_size or rows % spec.group_size:
+            raise FormatError(f"append_zero_rows: K={k} and rows={rows} must be multiples of the group size "
+                              f"{spec.group_size}")
+        new_groups = rows // spec.group_size
+        zero_codes = torch.full((rows, n), spec.implicit_zero, dtype=torch.int32, device=qweight.device)
+        scales = torch.cat([scales, torch.ones(new_groups, n, dtype=scales.dtype, device=scales.device)])
+        if qzeros is not None:
+            qzeros = torch.cat([qzeros, torch.full((new_groups, n), spec.implicit_zero, dtype=qzeros.dtype,
+                                                   device=qzeros.device)])
+    else:
+        zp = (qzeros.to(torch.int32) if qzeros is not None
+              else torch.full((1, n), spec.implicit_zero, dtype=torch.int32, device=qweight.device))
+        zero_codes = zp.expand(rows, n)
+    codes = torch.cat([unpack_codes(qweight, spec.bits).to(torch.int32), zero_codes])
+    return pack_codes(codes, spec.bits), scales, qzeros

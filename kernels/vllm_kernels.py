@@ -144,11 +144,15 @@ def _cpu_wna16_runs_w4a8(kernel_cls, act_dtype: torch.dtype) -> bool:
 
 
 class _KernelLayer(torch.nn.Module):
-    """The attributes a vLLM kernel class reads from a linear layer, and nothing else."""
+    """The attributes a vLLM kernel class reads from a linear layer, and nothing else.
 
-    def __init__(self, out_features: int):
+    The bias is a copy of the layer's: kernels transform it at load (Marlin permutes it, the
+    CPU kernels keep a float32 copy) and fuse it into their epilogue.
+    """
+
+    def __init__(self, out_features: int, bias: torch.Tensor | None):
         super().__init__()
-        self.bias = None  # qvlm adds the bias after the kernel (Marlin would permute a bias it saw)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.logical_widths = [out_features]
 
 
@@ -168,16 +172,25 @@ def _no_loader(*_args, **_kwargs):
 
 
 class _VllmKernelBackend(Backend):
-    """Shared verbs: a vLLM kernel instance prepares a holder layer once; apply runs it."""
+    """Shared verbs: a vLLM kernel instance prepares a holder layer once; apply runs it.
+
+    ``apply``'s ``bias`` says whether to add the bias (vLLM passes None on row-parallel ranks
+    after the first); the kernel adds the copy it prepared at load, or, for a layer prepared
+    without one, the bias given is added to its output.
+    """
+
+    takes_bias = True
 
     def detail(self, p: Prepared) -> str:
         return f"vLLM {type(p.tensors['kernel']).__name__}"
 
     def apply(self, p, x, bias):
+        layer = p.tensors["layer"]
         x2 = x.reshape(-1, x.shape[-1])
-        y = p.tensors["kernel"].apply_weights(p.tensors["layer"], x2, None)
-        if bias is not None:
-            y = y + bias
+        if bias is None or layer.bias is not None:
+            y = p.tensors["kernel"].apply_weights(layer, x2, None if bias is None else layer.bias)
+        else:
+            y = p.tensors["kernel"].apply_weights(layer, x2, None) + bias
         return y.reshape(*x.shape[:-1], p.out_features)
 
 
@@ -203,7 +216,7 @@ class VllmMixedPrecisionBackend(_VllmKernelBackend):
             return False, "vLLM's CPUWNA16 quantizes bf16 activations to int8 on AMX (VLLM_CPU_INT4_W4A8=1): w4a8, not w4a16"
         return True, None
 
-    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype, bias=None):
         from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
         k, n = _shape(qweight, spec)
@@ -212,7 +225,7 @@ class VllmMixedPrecisionBackend(_VllmKernelBackend):
         if kernel_cls is None:
             raise ValueError(f"vLLM has no mixed-precision kernel for this {spec.scheme} layer: {why}")
         t = to_mp_layout(qweight, scales, qzeros, spec, act_dtype)
-        layer = _KernelLayer(n)
+        layer = _KernelLayer(n, bias)
         layer.register_parameter("weight_packed", PackedvLLMParameter(
             data=t.weight_packed, input_dim=0, output_dim=1, packed_dim=0, packed_factor=8, weight_loader=_no_loader))
         layer.register_parameter("weight_scale", GroupQuantScaleParameter(
@@ -246,7 +259,7 @@ class VllmScaledMMBackend(_VllmKernelBackend):
         kernel_cls, why = choose_int8_kernel(int8_layer_config())
         return (True, None) if kernel_cls is not None else (False, why)
 
-    def prepare(self, qweight, scales, qzeros, spec, act_dtype):
+    def prepare(self, qweight, scales, qzeros, spec, act_dtype, bias=None):
         from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter
 
         k, n = _shape(qweight, spec)
@@ -255,7 +268,7 @@ class VllmScaledMMBackend(_VllmKernelBackend):
         if kernel_cls is None:
             raise ValueError(f"vLLM has no int8 scaled-mm kernel for this w8a8 layer: {why}")
         w, w_scale = to_int8_layout(qweight, scales, spec)
-        layer = _KernelLayer(n)
+        layer = _KernelLayer(n, bias)
         layer.register_parameter("weight", ModelWeightParameter(data=w, input_dim=1, output_dim=0,
                                                                 weight_loader=_no_loader))
         layer.register_parameter("weight_scale", ChannelQuantScaleParameter(data=w_scale, output_dim=0,

@@ -39,6 +39,7 @@ FP32_TOL = 0.02  # nats, see module docstring
 FP32_ACT_TOL = 0.1
 BF16_TOL = 0.25
 BF16_CASES = ["w4a16", "w8a8-vision"]
+VLLM_KERNEL_LAYER_CASES = {"w4a16-asym-vision": "vllm_mp", "w8a8-vision": "vllm_scaled_mm"}
 NEAR_TIE = 1.0  # nats: below this top-1/top-2 gap, bf16 may legitimately pick the other token
 
 CASES = {
@@ -102,6 +103,12 @@ def e2e(tmp_path_factory):
         job = {"model": str(models["w4a16"][1]), "dtype": "bfloat16", "quantization": "qvlm",
                "enforce_eager": False, "kernel": "cpu_wna16", **common}
         results[("w4a16", "bfloat16-compiled-cpu_wna16")] = run_jobs([job], root / "run-wna16")[0]
+    # vLLM's own kernel layers (what runs on CUDA: Marlin/Machete, CUTLASS), reached on CPU by name:
+    # its CPUWNA16 kernel for int4 with zero points and biased vision linears, its int8 scaled-mm.
+    layer_jobs = {(case, f"bfloat16-{kernel}"): {"model": str(models[case][1]), "dtype": "bfloat16",
+                                                 "quantization": "qvlm", "kernel": kernel, **common}
+                  for case, kernel in VLLM_KERNEL_LAYER_CASES.items()}
+    results.update(zip(layer_jobs, run_jobs(list(layer_jobs.values()), root / "run-vllm-layers")))
     return models, results
 
 
@@ -143,6 +150,14 @@ def compare(result, model, processor, chosen_only=False):
     return steps, worst, agree
 
 
+def assert_bf16_close(result, src, qdir):
+    """A bf16 run's greedy tokens and chosen-token log-probs against the dequantized reference."""
+    model, processor = dequantized_reference(src, qdir)
+    steps, worst, _ = compare(result, model, processor, chosen_only=True)
+    assert steps >= N_PROMPTS * N_TOKENS // 2, f"only {steps} steps before a near tie"
+    assert math.isfinite(worst) and worst < BF16_TOL, f"chosen-token |logprob diff| {worst:.4f} nats"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_vllm_qvlm_fp32_matches_dequantized_reference(e2e, case):
     models, results = e2e
@@ -159,10 +174,7 @@ def test_vllm_qvlm_fp32_matches_dequantized_reference(e2e, case):
 def test_vllm_qvlm_bf16_matches_dequantized_reference(e2e, case, mode):
     models, results = e2e
     src, qdir = models[case]
-    model, processor = dequantized_reference(src, qdir)
-    steps, worst, _ = compare(results[(case, mode)], model, processor, chosen_only=True)
-    assert steps >= N_PROMPTS * N_TOKENS // 2, f"only {steps} steps before a near tie"
-    assert math.isfinite(worst) and worst < BF16_TOL, f"chosen-token |logprob diff| {worst:.4f} nats"
+    assert_bf16_close(results[(case, mode)], src, qdir)
 
 
 def test_vllm_cpu_int4_op_under_torch_compile(e2e):
@@ -171,10 +183,16 @@ def test_vllm_cpu_int4_op_under_torch_compile(e2e):
     if ("w4a16", "bfloat16-compiled-cpu_wna16") not in results:
         pytest.skip("this vLLM-CPU build/processor has no cpu_gemm_wna16")
     src, qdir = models["w4a16"]
-    model, processor = dequantized_reference(src, qdir)
-    steps, worst, _ = compare(results[("w4a16", "bfloat16-compiled-cpu_wna16")], model, processor, chosen_only=True)
-    assert steps >= N_PROMPTS * N_TOKENS // 2, f"only {steps} steps before a near tie"
-    assert math.isfinite(worst) and worst < BF16_TOL, f"chosen-token |logprob diff| {worst:.4f} nats"
+    assert_bf16_close(results[("w4a16", "bfloat16-compiled-cpu_wna16")], src, qdir)
+
+
+@pytest.mark.parametrize("case,kernel", list(VLLM_KERNEL_LAYER_CASES.items()))
+def test_vllm_kernel_layers_match_dequantized_reference(e2e, case, kernel):
+    """The checkpoint on vLLM's mixed-precision / scaled-mm kernel layer (our repacking, vLLM's
+    weight preparation and kernel), in vLLM on this CPU."""
+    models, results = e2e
+    src, qdir = models[case]
+    assert_bf16_close(results[(case, f"bfloat16-{kernel}")], src, qdir)
 
 
 def test_quantization_is_really_applied(e2e):

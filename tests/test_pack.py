@@ -1,12 +1,14 @@
 """Pack/unpack and quantize/dequantize round trips, as properties over shapes and settings."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvlm_kernels import reference
-from qvlm_kernels.format import LayerSpec, num_groups
-from qvlm_kernels.pack import expand_groups, pack_codes, pack_int4, unpack_codes, unpack_int4
+from offline_helpers import make_layer_tensors
+from qvlm_kernels.format import LayerSpec, QVLMQuantConfig, num_groups
+from qvlm_kernels.pack import append_zero_rows, expand_groups, pack_codes, pack_int4, unpack_codes, unpack_int4
 from qvlm_offline.rtn import quantize_rtn
 
 bits_st = st.sampled_from([4, 6, 8])
@@ -60,3 +62,15 @@ def test_partial_last_group_covers_the_remaining_rows():
     _, scales, _ = quantize_rtn(w, spec)
     assert scales.shape == (6, 16)
     assert (scales[5].float() > 10 * scales[:5].float().max()).all()
+
+
+@pytest.mark.parametrize("scheme,gs,sym", [("w8a8", -1, True), ("w4a8", 64, True), ("w4a8", 32, False),
+                                           ("w4a8", -1, False), ("w4a16", 128, True)])
+def test_appended_rows_dequantize_to_exact_zeros(scheme, gs, sym):
+    spec = QVLMQuantConfig(scheme=scheme, group_size=gs, symmetric=sym).layer_spec("m")
+    t = make_layer_tensors(256, 48, spec, seed=5)
+    q, s, z = append_zero_rows(t["qweight"], t["scales"], t.get("qzeros"), spec, 128)
+    w = reference.dequantize(q, s, z, spec)
+    assert w.shape == (384, 48)
+    assert torch.equal(w[:256], reference.dequantize(t["qweight"], t["scales"], t.get("qzeros"), spec))
+    assert torch.count_nonzero(w[256:]) == 0

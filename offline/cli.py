@@ -7,6 +7,7 @@ vLLM) happen inside the subcommands so ``qvlm --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -63,6 +64,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .export import export_checkpoint, quantizable_modules
 
     t_start = time.perf_counter()
+    export = export_checkpoint
+    if args.format == "compressed-tensors":  # refuse what it cannot express before calibrating
+        from .compressed_tensors import export_compressed_tensors, preflight_export
+        from .export import check_output_dir
+
+        check_output_dir(args.src, args.out, args.overwrite)
+        preflight_export(args.src, args.scheme, args.group_size, args.symmetric, args.quantize_vision,
+                         args.quantize_lm_head)
+        export = functools.partial(export_compressed_tensors, scale_dtype=args.scale_dtype)
     quantize_fn, replace, search_report = None, None, None
     if args.method == "qvlm":
         quantize_fn, replace, search_report = _run_qvlm_search(args)
@@ -79,7 +89,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         modules = quantizable_modules(args.src, args.quantize_vision, args.quantize_lm_head)
         hessians = collect_hessians(args.src, samples, modules, progress=not args.quiet)
         quantize_fn = make_gptq_quantize_fn(hessians)
-    report = export_checkpoint(
+    report = export(
         args.src, args.out, scheme=args.scheme, group_size=args.group_size, symmetric=args.symmetric,
         quantize_vision=args.quantize_vision, quantize_lm_head=args.quantize_lm_head, method=args.method,
         quantize_fn=quantize_fn, replace_tensors=replace, max_shard_size=args.max_shard_size,
@@ -93,13 +103,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     "seconds_total": time.perf_counter() - t_start, "num_quantized": len(report.quantized)})
         for f in write_report(rep, args.report):
             print(f"report: {f}")
+    _print_written(report, f"quantized to {args.scheme}, {args.format} format")
+    return 0
+
+
+def _print_written(report, what: str) -> None:
     ratio = report.bytes_in / max(report.bytes_out, 1)
     print(
-        f"wrote {report.out_dir}: {len(report.quantized)} linear layers quantized to {args.scheme}, "
+        f"wrote {report.out_dir}: {len(report.quantized)} linear layers {what}, "
         f"{report.bytes_in / 2**20:.1f} MiB -> {report.bytes_out / 2**20:.1f} MiB ({ratio:.2f}x)"
     )
     for module, why in report.skipped.items():
         print(f"  kept unquantized: {module} ({why})")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .compressed_tensors import convert_checkpoint
+
+    report = convert_checkpoint(args.src, args.out, scale_dtype=args.scale_dtype, max_shard_size=args.max_shard_size,
+                                overwrite=args.overwrite, progress=not args.quiet)
+    _print_written(report, "rewritten in compressed-tensors format")
+    print(f"  serve without the qvlm plugin: vllm serve {report.out_dir}  (qvlm serve on CPU installs)")
     return 0
 
 
@@ -160,6 +184,16 @@ def add_search_args(q: argparse.ArgumentParser) -> None:
                    "peak RSS) and PNG plots")
 
 
+def add_scale_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scale-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+        help="dtype of compressed-tensors' weight_scale: float16 keeps the scales bit for bit (vLLM casts them "
+        "to its serving dtype at load); transformers dequantizes in the scales' dtype and runs the checkpoint "
+        "in its stored dtype, so give a bfloat16 model bfloat16 scales (each scale rounded, relative error "
+        "<= 2^-9) and a float32 model float32 (exact) (default: float16; --format compressed-tensors only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvlm", description="Q-VLM quantization of LLaVA models for vLLM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser(
         "quantize", help="quantize a llava-hf safetensors checkpoint into a qvlm checkpoint",
         description="Quantize SRC (a llava-hf layout safetensors model directory) into OUT, a complete model "
-        "directory that `vllm serve OUT` and `vllm.LLM(model=OUT)` load with quantization='qvlm'. "
+        "directory that `vllm serve OUT` and `vllm.LLM(model=OUT)` load with quantization='qvlm' "
+        "(with --format compressed-tensors: without the plugin, as compressed-tensors). "
         "OUT appears only when the run succeeds.",
     )
     q.add_argument("src", type=Path, help="source model directory (safetensors, llava-hf layout)")
@@ -189,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--symmetric", action=argparse.BooleanOptionalAction, default=True,
         help="symmetric grid with an implicit zero point (default), or --no-symmetric for stored zero points",
     )
+    q.add_argument(
+        "--format", choices=["qvlm", "compressed-tensors"], default="qvlm",
+        help="on-disk format of OUT: qvlm (this project's packed format, served with the qvlm plugin) or "
+        "compressed-tensors (the same codes and scales in compressed-tensors' pack-quantized / int-quantized "
+        "layout, which stock vLLM and transformers load without the plugin; w4a16, w8a8 and symmetric w4a8 "
+        "only, every group full: K a multiple of the group size) (default: qvlm)",
+    )
+    add_scale_dtype_arg(q)
     q.add_argument("--quantize-vision", action="store_true", help="also quantize the CLIP tower and the projector")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (off by default)")
     add_calibration_args(q)
@@ -197,6 +240,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
+
+    v = sub.add_parser(
+        "convert", help="rewrite a qvlm checkpoint in compressed-tensors format (stock vLLM/transformers load it)",
+        description="Rewrite the qvlm checkpoint SRC as OUT in compressed-tensors' layout: the same integer codes "
+        "and scales (nothing is re-rounded), w4a16 as pack-quantized, w8a8 and w4a8 as int-quantized, with a "
+        "quantization_config built by the compressed-tensors package. `vllm serve OUT` and transformers' "
+        "from_pretrained(OUT) load it without the qvlm plugin. Refused, with the module or setting named: "
+        "w6a6/w4a4, asymmetric w4a8, layers whose input width is not a multiple of the group size (partial "
+        "last group), per-module overrides. OUT appears only when the run succeeds.",
+    )
+    v.add_argument("src", type=Path, help="qvlm model directory (written by `qvlm quantize`)")
+    v.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
+    v.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors",
+                   help="target format; compressed-tensors is the only one (default: compressed-tensors)")
+    add_scale_dtype_arg(v)
+    v.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 512MB (default: 2GB)")
+    v.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_convert)
 
     c = sub.add_parser("check", help="validate a qvlm checkpoint's tensors against its quantization_config")
     c.add_argument("model", type=Path, help="qvlm model directory")

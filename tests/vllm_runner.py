@@ -58,6 +58,7 @@ def _run(job: dict) -> dict:
     t2 = time.perf_counter()
     result = {
         "job": job, "load_s": t1 - t0, "generate_s": t2 - t1,
+        "qvlm_plugin_loaded": "vllm_qvlm" in sys.modules,
         "outputs": [
             {
                 "prompt_token_ids": list(o.prompt_token_ids),

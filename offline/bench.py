@@ -50,7 +50,9 @@ with these differences (planned by pure functions: ``resolve_device``, ``default
 ``default_kernels``, ``kernel_candidates``, ``plan_runs``, ``engine_settings``):
 
 * batch sizes 1, 8, 32 and 128 by default; no ``OMP_NUM_THREADS``/``VLLM_CPU_*`` settings;
-  ``gpu_memory_utilization`` (default 0.9, vLLM's) is passed to the engine;
+  ``gpu_memory_utilization`` (default 0.9, vLLM's) is passed to the engine, and ``kv_cache_gib``
+  fixes the KV cache's size instead (then the peak GPU memory less the KV cache is the weights,
+  activations and graphs);
 * every scheme is measured on each CUDA kernel meant for its weights (``kernels``, default
   ``CUDA_KERNELS``): ``SCHEME@KERNEL`` rows load the checkpoint with ``QVLM_KERNEL=KERNEL``
   (``vllm_mp``: vLLM's mixed-precision selection, Marlin/Machete for int4 weights;
@@ -225,6 +227,8 @@ def llm_kwargs(job: dict) -> dict:
               distributed_executor_backend="uni", enable_prefix_caching=False)
     if device == "cuda":
         kw["gpu_memory_utilization"] = job.get("gpu_memory_utilization", DEFAULT_GPU_MEMORY_UTILIZATION)
+        if job.get("kv_cache_memory_bytes"):  # a fixed KV cache (vLLM then ignores gpu_memory_utilization for it)
+            kw["kv_cache_memory_bytes"] = job["kv_cache_memory_bytes"]
         if eng["compilation_config"] is not None:
             kw["compilation_config"] = eng["compilation_config"]
     return kw
@@ -680,18 +684,21 @@ def _measure(job: dict) -> dict:
     }
     if cuda:
         out["gpu_memory"] = _gpu_memory(llm, max(job["batch_sizes"]) * (max(d["prompt_tokens"] for d in decode.values())
-                                                                         + 1 + n))
+                                                                         + 1 + n), job.get("kv_cache_memory_bytes"))
     del llm
     return out
 
 
-def _gpu_memory(llm, tokens_needed: int) -> dict:
-    """Child (CUDA): peak GPU memory of this process, device memory in use, and vLLM's KV-cache capacity."""
+def _gpu_memory(llm, tokens_needed: int, kv_cache_bytes: int | None = None) -> dict:
+    """Child (CUDA): peak GPU memory of this process, device memory in use, and vLLM's KV-cache capacity
+    (with a fixed KV cache, also the peak without it: weights, activations, CUDA graphs)."""
     import torch
 
     free, total = torch.cuda.mem_get_info()
-    out = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-           "device_used_bytes": total - free, "device_total_bytes": total,
+    peak = torch.cuda.max_memory_allocated()
+    out = {"peak_allocated_bytes": peak, "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+           "device_used_bytes": total - free, "device_total_bytes": total, "kv_cache_bytes": kv_cache_bytes,
+           "peak_allocated_minus_kv_cache_bytes": peak - kv_cache_bytes if kv_cache_bytes else None,
            "kv_cache_tokens": None, "kv_cache_tokens_needed_max_batch": tokens_needed, "kv_cache_fits_max_batch": None}
     try:
         cache = llm.llm_engine.vllm_config.cache_config
@@ -863,13 +870,15 @@ def run_bench(
     kernels=None,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
     cuda_graphs: bool = True,
+    kv_cache_gib: float | None = None,
 ) -> dict:
     """Run the whole benchmark; returns the result dict (also written to ``json_path``,
     default ``workdir/bench.json``; PNG to ``png_path``, default ``workdir/bench.png``).
 
     ``device``: auto/cpu/cuda; ``batch_sizes`` None: the device's defaults (``DEFAULT_BATCH_SIZES``);
-    ``kernels`` None: ``default_kernels(device, vllm_kernels)``; ``gpu_memory_utilization`` and
-    ``cuda_graphs``: CUDA only (see the module docstring)."""
+    ``kernels`` None: ``default_kernels(device, vllm_kernels)``; ``gpu_memory_utilization``,
+    ``kv_cache_gib`` (a fixed KV cache instead of what the utilization leaves) and ``cuda_graphs``:
+    CUDA only (see the module docstring)."""
     t_start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -936,7 +945,8 @@ def run_bench(
                 "compile": compile, "engine": engine["description"], "kernels": kernels}
     if cuda:
         settings.update(cuda_graphs=cuda_graphs, compilation_config=engine["compilation_config"],
-                        gpu_memory_utilization=gpu_memory_utilization, child_timeout_s=child_timeout)
+                        gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib,
+                        child_timeout_s=child_timeout)
     model_info = {
         **spec, "image_tokens": n_image_tokens,
         "full_model_depth": None if tiny else LLAVA_7B_DEPTH,
@@ -968,7 +978,8 @@ def run_bench(
                "decode_tokens": decode_tokens, "repeats": repeats, "ttft_repeats": ttft_repeats,
                "max_model_len": max_model_len, "image_size": spec["image_size"], "compile": compile}
         if cuda:
-            job.update(device="cuda", gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs)
+            job.update(device="cuda", gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs,
+                       kv_cache_memory_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None)
         row = {"name": name, "scheme": job["scheme"], "forced_kernel": force_kernel, "model_dir": model["path"],
                "weights": model["weights"], "dispatch_default": run["dispatch_default"]}
         if run["skip"]:
@@ -1231,6 +1242,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                    help="vLLM's gpu_memory_utilization for each configuration (CUDA only; weights, activations and "
                    f"the KV cache; default: {DEFAULT_GPU_MEMORY_UTILIZATION})")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="CUDA only: a KV cache of this size for each configuration (vLLM's kv_cache_memory_bytes) "
+                   "instead of what --gpu-memory-utilization leaves, so the peak GPU memory shows the weights and "
+                   "activations (default: vLLM's sizing)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA only: capture full CUDA graphs for decode at the measured batch sizes (without "
                    "--compile: compilation mode NONE, FULL_DECODE_ONLY); --no-cuda-graphs without --compile is "
@@ -1254,6 +1269,7 @@ def bench_kwargs(args: argparse.Namespace) -> dict:
                 quantize_lm_head=args.quantize_lm_head, device=args.device,
                 kernels=None if args.kernels is None else tuple(args.kernels),
                 gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
+                kv_cache_gib=args.kv_cache_gib,
                 child_timeout=args.child_timeout)
 
 

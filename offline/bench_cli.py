@@ -22,6 +22,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "output), quantizes it to each scheme, and measures each configuration in its own vLLM child process: "
         "decode tokens/s per batch size, time to first token with one image, checkpoint weight bytes, the "
         "kernel each scheme runs on, and the fraction of the machine's memory bandwidth a decode step uses. "
+        "On an NVIDIA GPU (--device cuda, or auto where torch sees one) it measures batches 1,8,32,128 and each "
+        "scheme on each CUDA kernel meant for it (SCHEME@KERNEL rows: vllm_mp, vllm_scaled_mm, triton_*), a "
+        "kernel that cannot run a scheme there giving a skipped or failed row with the reason. "
         "Prints a table, writes JSON, saves a PNG bar chart if matplotlib is importable.",
     )
     add_bench_args(b)

@@ -105,9 +105,10 @@ def test_batch_defaults_per_device():
     kw = _parse([])
     assert kw["batch_sizes"] is None and kw["device"] == "auto" and kw["kernels"] is None  # resolved per device
     kw = _parse(["--device", "cuda", "--batch-sizes", "1,4", "--kernels", "triton_w4a16",
-                 "--gpu-memory-utilization", "0.5", "--no-cuda-graphs", "--child-timeout", "60"])
+                 "--gpu-memory-utilization", "0.5", "--no-cuda-graphs", "--child-timeout", "60", "--kv-cache-gib", "4"])
     assert kw["batch_sizes"] == (1, 4) and kw["kernels"] == ("triton_w4a16",)
     assert kw["gpu_memory_utilization"] == 0.5 and kw["cuda_graphs"] is False and kw["child_timeout"] == 60
+    assert kw["kv_cache_gib"] == 4 and _parse([])["kv_cache_gib"] is None
 
 
 def test_kernels_per_scheme():
@@ -176,8 +177,9 @@ def test_engine_and_llm_kwargs():
     assert cuda["gpu_memory_utilization"] == 0.7 and cuda["enforce_eager"] is False
     assert cuda["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
                                           "cudagraph_capture_sizes": [1, 8, 32, 128]}
-    eager = B.llm_kwargs({**job, "device": "cuda", "cuda_graphs": False})
-    assert eager["enforce_eager"] is True and "compilation_config" not in eager
+    assert "kv_cache_memory_bytes" not in cuda
+    eager = B.llm_kwargs({**job, "device": "cuda", "cuda_graphs": False, "kv_cache_memory_bytes": 4 << 30})
+    assert eager["enforce_eager"] is True and "compilation_config" not in eager and eager["kv_cache_memory_bytes"] == 4 << 30
     assert eager["gpu_memory_utilization"] == B.DEFAULT_GPU_MEMORY_UTILIZATION
     compiled = B.llm_kwargs({**job, "device": "cuda", "compile": True})
     assert compiled["enforce_eager"] is False and compiled["compilation_config"] == {"cudagraph_capture_sizes": [1, 8, 32, 128]}
@@ -251,6 +253,7 @@ def _fake_children(tmp_path, fail: str):
                                               "driver_cuda": "12.8", "cuda_runtime": "12.8",
                                               "versions": {"vllm": "0.32.0", "torch": "2.13.0"}}}
         assert job["device"] == "cuda" and job["batch_sizes"] == [1, 8, 32, 128]
+        assert job["kv_cache_memory_bytes"] == 2 << 30 and job["gpu_memory_utilization"] == 0.5
         if name == f"measure-{fail}":
             log.write_text("loading...\nRuntimeError: CUDA error: no kernel image is available\n")
             raise RuntimeError(f"child {name!r} failed (exit 1)")
@@ -279,13 +282,13 @@ def test_cuda_bench_json_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "_run_child", run_child)
     json_path = tmp_path / "out" / "bench.json"
     result = B.run_bench(tmp_path / "work", device="cuda", json_path=json_path, png_path=tmp_path / "out" / "b.png",
-                         verbose=False)
+                         verbose=False, kv_cache_gib=2, gpu_memory_utilization=0.5)
     on_disk = json.loads(json_path.read_text())
     assert on_disk["configs"] == json.loads(json.dumps(result["configs"]))
     assert all(c[2] is None and c[3] == "cuda" for c in calls)  # no thread count, CUDA environment
     settings, machine = on_disk["settings"], on_disk["machine"]
     assert settings["device"] == "cuda" and settings["batch_sizes"] == [1, 8, 32, 128]
-    assert settings["gpu_memory_utilization"] == B.DEFAULT_GPU_MEMORY_UTILIZATION and settings["cuda_graphs"] is True
+    assert settings["gpu_memory_utilization"] == 0.5 and settings["kv_cache_gib"] == 2 and settings["cuda_graphs"] is True
     assert settings["compilation_config"]["cudagraph_mode"] == "FULL_DECODE_ONLY" and "CUDA graphs" in settings["engine"]
     assert machine["device"] == "cuda" and machine["threads"] is None
     assert machine["gpu"]["name"] == "NVIDIA H200" and machine["gpu"]["driver"] == "570.1"

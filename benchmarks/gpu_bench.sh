@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# `qvlm bench` on one NVIDIA GPU, sized to finish in about 8 minutes on an H100/H200-class GPU:
+#
+#   bash benchmarks/gpu_bench.sh [OUT_DIR] [--install] [--no-triton-tests] [-- EXTRA QVLM BENCH FLAGS...]
+#
+# OUT_DIR (default: $OUT, else ./gpu-bench-out) receives at most 7 small files: bench.json,
+# bench.png, bench.log (the run's output), env.txt (nvidia-smi, versions), triton-tests.log,
+# child-logs.tar.gz (each vLLM child's log) and, if the run was cut short, bench.partial.json
+# (the rows measured so far). The models (about 7 GB at 8 layers) go to $WORKDIR, not OUT_DIR.
+#
+# What it runs:
+#   1. the Triton kernels against the torch oracle on the GPU (pytest tests/test_triton_kernels.py,
+#      without TRITON_INTERPRET), unless --no-triton-tests; a failure is reported, not fatal;
+#   2. qvlm bench --device cuda on the LLaVA-1.5-7B-width model with 8 decoder and 2 vision layers:
+#      bf16, then w4a16, w8a8, w4a8 on each CUDA kernel meant for them (vllm_mp, vllm_scaled_mm,
+#      triton_w4a16, triton_w8a8, triton_w4a8; SCHEME@KERNEL rows), batches 1, 8, 32, 128, TTFT
+#      with one image, full CUDA graphs for decode. A kernel that cannot run a scheme on this GPU
+#      gives a skipped (its refusal) or failed (its log) row; the run goes on.
+#   3. prints the table (also from bench.partial.json when the time limit cut the run short).
+#
+# Installs nothing unless --install (then: pip install -e ".[cuda]", which needs the network).
+# Env: PYTHON (python3), WORKDIR ($TMPDIR or /tmp, /qvlm-gpu-bench), LAYERS (8), VISION_LAYERS (2),
+#      DECODE_TOKENS (32), REPEATS (2), TTFT_REPEATS (3), CHILD_TIMEOUT (240 s per vLLM child),
+#      BENCH_TIMEOUT (480 s for the whole bench), TEST_TIMEOUT (90 s for the Triton tests),
+#      KV_CACHE_GIB (8: a fixed KV cache, so the peak GPU memory is mostly weights and activations).
+set -uo pipefail
+
+OUT_DIR=${OUT:-./gpu-bench-out}
+INSTALL=0
+TRITON_TESTS=1
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --install) INSTALL=1 ;;
+    --no-triton-tests) TRITON_TESTS=0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -*) echo "gpu_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) OUT_DIR=$1 ;;
+  esac
+  shift
+done
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+WORKDIR=${WORKDIR:-${TMPDIR:-/tmp}/qvlm-gpu-bench}
+mkdir -p "$OUT_DIR" "$WORKDIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$REPO"
+
+export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # the Triton kernels run on the GPU, not in the interpreter
+
+if [ "$INSTALL" = 1 ]; then
+  "$PY" -m pip install -e ".[cuda]" || { echo "gpu_bench.sh: pip install -e .[cuda] failed" >&2; exit 3; }
+fi
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_bench.sh: torch sees no CUDA GPU (install the CUDA build: pip install -e '.[cuda]', or pass --install)" >&2
+  exit 2
+fi
+
+{
+  echo "# $(date -u +%FT%TZ) $(hostname)"
+  nvidia-smi || echo "(nvidia-smi not found)"
+  "$PY" - <<'PYEOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA runtime", torch.version.cuda)
+for d in ("vllm", "triton", "vllm-qvlm"):
+    try:
+        print(d, md.version(d))
+    except md.PackageNotFoundError:
+        print(d, "not installed")
+p = torch.cuda.get_device_properties(0)
+print("GPU 0:", torch.cuda.get_device_name(0), f"sm {p.major}.{p.minor}", f"{p.total_memory / 2**30:.0f} GiB")
+PYEOF
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+TESTS="not run"
+if [ "$TRITON_TESTS" = 1 ]; then
+  echo "== Triton kernels on the GPU (tests/test_triton_kernels.py, ${TEST_TIMEOUT:-90} s at most)"
+  timeout -k 10 "${TEST_TIMEOUT:-90}" "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
+    > "$OUT_DIR/triton-tests.log" 2>&1
+  rc=$?
+  tail -n 5 "$OUT_DIR/triton-tests.log"
+  case $rc in
+    0) TESTS="passed" ;;
+    124|137) TESTS="timed out" ;;
+    *) TESTS="FAILED (exit $rc; see triton-tests.log)" ;;
+  esac
+  echo "Triton tests: $TESTS"
+fi
+
+echo "== qvlm bench --device cuda (${BENCH_TIMEOUT:-480} s at most; models in $WORKDIR)"
+rm -f "$OUT_DIR/bench.json" "$OUT_DIR/bench.partial.json"
+timeout -s INT -k 30 "${BENCH_TIMEOUT:-480}" "$PY" -m qvlm_offline.cli bench --device cuda \
+  --layers "${LAYERS:-8}" --vision-layers "${VISION_LAYERS:-2}" --batch-sizes 1,8,32,128 \
+  --decode-tokens "${DECODE_TOKENS:-32}" --repeats "${REPEATS:-2}" --ttft-repeats "${TTFT_REPEATS:-3}" \
+  --child-timeout "${CHILD_TIMEOUT:-240}" --kv-cache-gib "${KV_CACHE_GIB:-8}" --workdir "$WORKDIR" \
+  --json "$OUT_DIR/bench.json" --png "$OUT_DIR/bench.png" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT_DIR/bench.log"
+BENCH_RC=${PIPESTATUS[0]}
+
+[ -d "$WORKDIR/logs" ] && tar czf "$OUT_DIR/child-logs.tar.gz" -C "$WORKDIR" logs
+if [ ! -f "$OUT_DIR/bench.json" ] && [ -f "$OUT_DIR/bench.partial.json" ]; then
+  echo "== the bench stopped early (exit $BENCH_RC); the rows it measured:"
+  "$PY" -c "import json, sys; from qvlm_offline.bench import format_table; \
+print(format_table(json.load(open(sys.argv[1]))))" "$OUT_DIR/bench.partial.json"
+fi
+echo "== Triton tests: $TESTS; bench exit $BENCH_RC; files in $OUT_DIR:"
+ls -l "$OUT_DIR"
+exit "$BENCH_RC"

@@ -18,11 +18,13 @@
 #      gives a skipped (its refusal) or failed (its log) row; the run goes on.
 #   3. prints the table (also from bench.partial.json when the time limit cut the run short).
 #
-# Installs nothing unless --install (then: pip install -e ".[cuda]", which needs the network).
+# Installs nothing unless --install (then: pip install -e ".[cuda]" pytest, which needs the network).
 # Env: PYTHON (python3), WORKDIR ($TMPDIR or /tmp, /qvlm-gpu-bench), LAYERS (8), VISION_LAYERS (2),
 #      DECODE_TOKENS (32), REPEATS (2), TTFT_REPEATS (3), CHILD_TIMEOUT (240 s per vLLM child),
 #      BENCH_TIMEOUT (480 s for the whole bench), TEST_TIMEOUT (90 s for the Triton tests),
-#      KV_CACHE_GIB (8: a fixed KV cache, so the peak GPU memory is mostly weights and activations).
+#      KV_CACHE_GIB (8: a fixed KV cache, so the peak GPU memory is mostly weights and activations),
+#      GPU_BENCH_DEVICE (cuda; cpu: a dry run of the script without a GPU, e.g.
+#      GPU_BENCH_DEVICE=cpu bash benchmarks/gpu_bench.sh /tmp/o -- --tiny --schemes w4a16 --batch-sizes 1).
 set -uo pipefail
 
 OUT_DIR=${OUT:-./gpu-bench-out}
@@ -34,7 +36,7 @@ while [ $# -gt 0 ]; do
     --install) INSTALL=1 ;;
     --no-triton-tests) TRITON_TESTS=0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     -*) echo "gpu_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUT_DIR=$1 ;;
   esac
@@ -52,17 +54,20 @@ export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the Triton kernels run on the GPU, not in the interpreter
 
 if [ "$INSTALL" = 1 ]; then
-  "$PY" -m pip install -e ".[cuda]" || { echo "gpu_bench.sh: pip install -e .[cuda] failed" >&2; exit 3; }
+  "$PY" -m pip install -e ".[cuda]" pytest || { echo "gpu_bench.sh: pip install -e .[cuda] failed" >&2; exit 3; }
 fi
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+DEVICE=${GPU_BENCH_DEVICE:-cuda}  # cpu: a dry run of this script on a machine without a GPU (with -- --tiny ...)
+if [ "$DEVICE" = cpu ]; then
+  TRITON_TESTS=0
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_bench.sh: torch sees no CUDA GPU (install the CUDA build: pip install -e '.[cuda]', or pass --install)" >&2
   exit 2
 fi
 
 {
   echo "# $(date -u +%FT%TZ) $(hostname)"
-  nvidia-smi || echo "(nvidia-smi not found)"
+  nvidia-smi 2>&1 || echo "(nvidia-smi not found)"
   "$PY" - <<'PYEOF'
 import importlib.metadata as md, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA runtime", torch.version.cuda)
@@ -71,14 +76,18 @@ for d in ("vllm", "triton", "vllm-qvlm"):
         print(d, md.version(d))
     except md.PackageNotFoundError:
         print(d, "not installed")
-p = torch.cuda.get_device_properties(0)
-print("GPU 0:", torch.cuda.get_device_name(0), f"sm {p.major}.{p.minor}", f"{p.total_memory / 2**30:.0f} GiB")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("GPU 0:", torch.cuda.get_device_name(0), f"sm {p.major}.{p.minor}", f"{p.total_memory / 2**30:.0f} GiB")
 PYEOF
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 
 TESTS="not run"
-if [ "$TRITON_TESTS" = 1 ]; then
+if [ "$TRITON_TESTS" = 1 ] && ! "$PY" -c "import pytest" 2>/dev/null; then
+  TESTS="skipped (pytest is not installed: pip install pytest)"
+  echo "Triton tests: $TESTS"
+elif [ "$TRITON_TESTS" = 1 ]; then
   echo "== Triton kernels on the GPU (tests/test_triton_kernels.py, ${TEST_TIMEOUT:-90} s at most)"
   timeout -k 10 "${TEST_TIMEOUT:-90}" "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
     > "$OUT_DIR/triton-tests.log" 2>&1
@@ -92,9 +101,9 @@ if [ "$TRITON_TESTS" = 1 ]; then
   echo "Triton tests: $TESTS"
 fi
 
-echo "== qvlm bench --device cuda (${BENCH_TIMEOUT:-480} s at most; models in $WORKDIR)"
+echo "== qvlm bench --device $DEVICE (${BENCH_TIMEOUT:-480} s at most; models in $WORKDIR)"
 rm -f "$OUT_DIR/bench.json" "$OUT_DIR/bench.partial.json"
-timeout -s INT -k 30 "${BENCH_TIMEOUT:-480}" "$PY" -m qvlm_offline.cli bench --device cuda \
+timeout -s INT -k 30 "${BENCH_TIMEOUT:-480}" "$PY" -m qvlm_offline.cli bench --device "$DEVICE" \
   --layers "${LAYERS:-8}" --vision-layers "${VISION_LAYERS:-2}" --batch-sizes 1,8,32,128 \
   --decode-tokens "${DECODE_TOKENS:-32}" --repeats "${REPEATS:-2}" --ttft-repeats "${TTFT_REPEATS:-3}" \
   --child-timeout "${CHILD_TIMEOUT:-240}" --kv-cache-gib "${KV_CACHE_GIB:-8}" --workdir "$WORKDIR" \

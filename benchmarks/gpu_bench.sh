@@ -9,8 +9,10 @@
 # (the rows measured so far). The models (about 7 GB at 8 layers) go to $WORKDIR, not OUT_DIR.
 #
 # What it runs:
-#   1. the Triton kernels against the torch oracle on the GPU (pytest tests/test_triton_kernels.py,
-#      without TRITON_INTERPRET), unless --no-triton-tests; a failure is reported, not fatal;
+#   1. the GPU kernels against the torch oracle (pytest tests/test_triton_kernels.py, without
+#      TRITON_INTERPRET; tests/test_vllm_kernels.py and tests/test_dispatch.py: vLLM's Marlin/Machete/
+#      CUTLASS behind qvlm layers, the dispatch on cuda), unless --no-triton-tests; a failure is
+#      reported, not fatal;
 #   2. qvlm bench --device cuda on the LLaVA-1.5-7B-width model with 8 decoder and 2 vision layers:
 #      bf16, then w4a16, w8a8, w4a8 on each CUDA kernel meant for them (vllm_mp, vllm_scaled_mm,
 #      triton_w4a16, triton_w8a8, triton_w4a8; SCHEME@KERNEL rows), batches 1, 8, 32, 128, TTFT
@@ -18,10 +20,10 @@
 #      gives a skipped (its refusal) or failed (its log) row; the run goes on.
 #   3. prints the table (also from bench.partial.json when the time limit cut the run short).
 #
-# Installs nothing unless --install (then: pip install -e ".[cuda]" pytest, which needs the network).
+# Installs nothing unless --install (then: pip install -e ".[cuda]" pytest hypothesis, which needs the network).
 # Env: PYTHON (python3), WORKDIR ($TMPDIR or /tmp, /qvlm-gpu-bench), LAYERS (8), VISION_LAYERS (2),
 #      DECODE_TOKENS (32), REPEATS (2), TTFT_REPEATS (3), CHILD_TIMEOUT (240 s per vLLM child),
-#      BENCH_TIMEOUT (480 s for the whole bench), TEST_TIMEOUT (90 s for the Triton tests),
+#      BENCH_TIMEOUT (480 s for the whole bench), TEST_TIMEOUT (150 s for the kernel tests),
 #      KV_CACHE_GIB (8: a fixed KV cache, so the peak GPU memory is mostly weights and activations),
 #      GPU_BENCH_DEVICE (cuda; cpu: a dry run of the script without a GPU, e.g.
 #      GPU_BENCH_DEVICE=cpu bash benchmarks/gpu_bench.sh /tmp/o -- --tiny --schemes w4a16 --batch-sizes 1).
@@ -54,7 +56,7 @@ export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the Triton kernels run on the GPU, not in the interpreter
 
 if [ "$INSTALL" = 1 ]; then
-  "$PY" -m pip install -e ".[cuda]" pytest || { echo "gpu_bench.sh: pip install -e .[cuda] failed" >&2; exit 3; }
+  "$PY" -m pip install -e ".[cuda]" pytest hypothesis || { echo "gpu_bench.sh: pip install -e .[cuda] failed" >&2; exit 3; }
 fi
 
 DEVICE=${GPU_BENCH_DEVICE:-cuda}  # cpu: a dry run of this script on a machine without a GPU (with -- --tiny ...)
@@ -89,8 +91,9 @@ if [ "$TRITON_TESTS" = 1 ] && ! "$PY" -c "import pytest" 2>/dev/null; then
   TESTS="skipped (pytest is not installed: pip install pytest)"
   echo "Triton tests: $TESTS"
 elif [ "$TRITON_TESTS" = 1 ]; then
-  echo "== Triton kernels on the GPU (tests/test_triton_kernels.py, ${TEST_TIMEOUT:-90} s at most)"
-  timeout -k 10 "${TEST_TIMEOUT:-90}" "$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider \
+  echo "== GPU kernels (Triton, vLLM's kernel layers, dispatch; ${TEST_TIMEOUT:-150} s at most)"
+  timeout -k 10 "${TEST_TIMEOUT:-150}" "$PY" -m pytest tests/test_triton_kernels.py tests/test_vllm_kernels.py \
+    tests/test_dispatch.py -q -p no:cacheprovider \
     > "$OUT_DIR/triton-tests.log" 2>&1
   rc=$?
   tail -n 5 "$OUT_DIR/triton-tests.log"

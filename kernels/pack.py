@@ -22,7 +22,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > 15):
         raise FormatError("pack_int4: codes must lie in [0, 15]")
     # Sum of disjoint shifted nibbles == bitwise OR; int32 wraps for the top nibble as intended.
-    return (c << _NIBBLE_SHIFTS.view(1, 8, 1)).sum(dim=1, dtype=torch.int32)
+    return (c << _NIBBLE_SHIFTS.to(c.device).view(1, 8, 1)).sum(dim=1, dtype=torch.int32)
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:

@@ -104,9 +104,11 @@ def e2e(tmp_path_factory):
                "enforce_eager": False, "kernel": "cpu_wna16", **common}
         results[("w4a16", "bfloat16-compiled-cpu_wna16")] = run_jobs([job], root / "run-wna16")[0]
     # vLLM's own kernel layers (what runs on CUDA: Marlin/Machete, CUTLASS), reached on CPU by name:
-    # its CPUWNA16 kernel for int4 with zero points and biased vision linears, its int8 scaled-mm.
+    # its CPUWNA16 kernel for int4 with zero points and biased vision linears (traced by
+    # torch.compile, as vLLM serves by default), its int8 scaled-mm (eager).
     layer_jobs = {(case, f"bfloat16-{kernel}"): {"model": str(models[case][1]), "dtype": "bfloat16",
-                                                 "quantization": "qvlm", "kernel": kernel, **common}
+                                                 "quantization": "qvlm", "kernel": kernel,
+                                                 "enforce_eager": kernel != "vllm_mp", **common}
                   for case, kernel in VLLM_KERNEL_LAYER_CASES.items()}
     results.update(zip(layer_jobs, run_jobs(list(layer_jobs.values()), root / "run-vllm-layers")))
     return models, results

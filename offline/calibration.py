@@ -175,9 +175,7 @@ def format_prompt(turns: Sequence[tuple[str, str | None]], *, has_image: bool, p
             messages.append({"role": "user", "content": content})
             if answer:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        text = processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=not turns[-1][1]
-        )
+        text = _apply_template(processor, messages, token, add_generation_prompt=not turns[-1][1])
         want = 1 if has_image else 0
         if text.count(token) != want:
             raise CalibrationError(
@@ -186,6 +184,28 @@ def format_prompt(turns: Sequence[tuple[str, str | None]], *, has_image: bool, p
             )
         return text
     return _llava_format(turns, has_image, token)
+
+
+def _as_string_content(content: list[dict[str, Any]], token: str) -> str:
+    return "".join(f"{token}\n" if c["type"] == "image" else c["text"] for c in content)
+
+
+def _apply_template(processor, messages: list[dict[str, Any]], token: str, *, add_generation_prompt: bool) -> str:
+    """The chat template on multimodal (list) content; for a template that takes only string
+    content (a LLaVA assembled from a text LLM keeps the LLM's template), the same messages with
+    the image placeholder rendered into the string, as the processor expects it."""
+    try:
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as list_error:  # jinja raises TypeError, UndefinedError, TemplateError, ...
+        flat = [{"role": m["role"], "content": _as_string_content(m["content"], token)} for m in messages]
+        try:
+            return processor.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as str_error:
+            raise CalibrationError(
+                f"the processor's chat template renders neither list content ({type(list_error).__name__}: "
+                f"{list_error}) nor string content ({type(str_error).__name__}: {str_error}); fix "
+                "chat_template in the model directory (chat_template.jinja / processor or tokenizer config)"
+            ) from str_error
 
 
 # ----------------------------------------------------------------------------- records

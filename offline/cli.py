@@ -7,7 +7,6 @@ vLLM) happen inside the subcommands so ``qvlm --help`` is instant.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from qvlm_kernels.format import SCHEMES
 
 from .bench_cli import add_bench_parser
 from .calibration import add_calibration_args
+from .adapters import supported_architectures
 from .compare import add_compare_parser
 from .evaluate import add_eval_parser
 from .smol_llava import add_build_model_parser
@@ -27,83 +27,35 @@ def _offline_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def _run_qvlm_search(args: argparse.Namespace):
-    """Calibration -> Q-VLM search; a quantize_fn serving its results, replaced norms, the report."""
-    from transformers import AutoProcessor
-
-    from .calibration import build_model_inputs, load_calibration
-    from .export import build_quant_config
-    from .qvlm import SearchConfig, qvlm_search
-    from .rtn import quantize_rtn
-
-    processor = AutoProcessor.from_pretrained(args.src)
-    samples = load_calibration(args.calib, args.num_samples, args.seed, processor=processor)  # its chat template
-    inputs = build_model_inputs(samples, processor)
-    qcfg = build_quant_config(args.scheme, args.group_size, args.symmetric, args.quantize_vision,
-                              args.quantize_lm_head, producer={})
-    cfg = SearchConfig(
+def _search_options(args: argparse.Namespace) -> dict:
+    """``SearchConfig`` fields from the qvlm search flags."""
+    return dict(
         max_block_layers=args.max_block_layers, iters=args.iters, batch_samples=args.batch_samples,
         lr_round=args.lr, kl_weight=args.kl_weight, init=args.init, smooth=args.smooth,
         entropy_weighting=args.entropy_weighting, seed=args.seed, optimize_vision=args.optimize_vision,
         vision_iters=args.vision_iters,
         threshold=float("-inf") if args.partition == "fixed" else None,
     )
-    result = qvlm_search(args.src, inputs, qcfg.layer_spec, cfg, progress=not args.quiet)
-
-    def quantize_fn(weight, spec, name):
-        module = name.removesuffix(".weight")
-        if module in result.tensors:
-            return result.tensors[module]
-        # vision tower / projector / lm_head when asked for (the projector as the visual stage left it)
-        return quantize_rtn(result.replaced.get(name, weight), spec, name)
-
-    return quantize_fn, result.replaced, result.report
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint, quantizable_modules
+    from .pipeline import QuantizeOptions, quantize
 
-    t_start = time.perf_counter()
-    export = export_checkpoint
-    if args.format == "compressed-tensors":  # refuse what it cannot express before calibrating
-        from .compressed_tensors import export_compressed_tensors, preflight_export
-        from .export import check_output_dir
-
-        check_output_dir(args.src, args.out, args.overwrite)
-        preflight_export(args.src, args.scheme, args.group_size, args.symmetric, args.quantize_vision,
-                         args.quantize_lm_head)
-        export = functools.partial(export_compressed_tensors, scale_dtype=args.scale_dtype)
-    quantize_fn, replace, search_report = None, None, None
-    if args.method == "qvlm":
-        quantize_fn, replace, search_report = _run_qvlm_search(args)
-    elif args.method == "gptq":
-        from .calibration import load_calibration
-        from .capture import collect_hessians
-        from .gptq import make_gptq_quantize_fn
-
-        from transformers import AutoProcessor
-
-        # prompts in the model's own chat template, as it will be served
-        samples = load_calibration(args.calib, args.num_samples, args.seed,
-                                   processor=AutoProcessor.from_pretrained(args.src))
-        modules = quantizable_modules(args.src, args.quantize_vision, args.quantize_lm_head)
-        hessians = collect_hessians(args.src, samples, modules, progress=not args.quiet)
-        quantize_fn = make_gptq_quantize_fn(hessians)
-    report = export(
-        args.src, args.out, scheme=args.scheme, group_size=args.group_size, symmetric=args.symmetric,
-        quantize_vision=args.quantize_vision, quantize_lm_head=args.quantize_lm_head, method=args.method,
-        quantize_fn=quantize_fn, replace_tensors=replace, max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite, progress=not args.quiet,
+    opts = QuantizeOptions(
+        scheme=args.scheme, method=args.method, group_size=args.group_size, symmetric=args.symmetric,
+        format=args.format, scale_dtype=args.scale_dtype, quantize_vision=args.quantize_vision,
+        quantize_lm_head=args.quantize_lm_head, calib=args.calib, num_samples=args.num_samples, seed=args.seed,
+        search=_search_options(args), max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        progress=not args.quiet,
     )
+    result = quantize(args.src, args.out, opts)
     if args.report is not None:
         from .report import peak_rss_gib, write_report
 
-        rep = search_report or {"method": args.method}
-        rep.update({"scheme": args.scheme, "peak_rss_gib": peak_rss_gib(),
-                    "seconds_total": time.perf_counter() - t_start, "num_quantized": len(report.quantized)})
+        rep = result.report | {"peak_rss_gib": peak_rss_gib()}
         for f in write_report(rep, args.report):
             print(f"report: {f}")
-    _print_written(report, f"quantized to {args.scheme}, {args.format} format")
+    _print_written(result.export, f"quantized to {args.scheme}, {args.format} format")
     return 0
 
 
@@ -195,23 +147,25 @@ def add_scale_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qvlm", description="Q-VLM quantization of LLaVA models for vLLM.")
+    p = argparse.ArgumentParser(prog="qvlm", description="Q-VLM quantization of LLaVA-family and Qwen2-VL models for vLLM.")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser(
-        "quantize", help="quantize a llava-hf safetensors checkpoint into a qvlm checkpoint",
-        description="Quantize SRC (a llava-hf layout safetensors model directory) into OUT, a complete model "
+        "quantize", help="quantize a VLM safetensors checkpoint (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)",
+        description="Quantize SRC (a safetensors model directory in the hub layout of a supported family: "
+        f"{', '.join(supported_architectures())}) into OUT, a complete model "
         "directory that `vllm serve OUT` and `vllm.LLM(model=OUT)` load with quantization='qvlm' "
         "(with --format compressed-tensors: without the plugin, as compressed-tensors). "
         "OUT appears only when the run succeeds.",
     )
-    q.add_argument("src", type=Path, help="source model directory (safetensors, llava-hf layout)")
+    q.add_argument("src", type=Path, help="source model directory (safetensors, hub layout)")
     q.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="weight/activation precision")
     q.add_argument(
         "--method", default="rtn", choices=["rtn", "gptq", "qvlm"],
         help="rounding: rtn (round to nearest, no data), gptq (Hessian error compensation on "
-        "--calib samples; holds the float model in memory) or qvlm (the Q-VLM search: entropy-guided "
+        "--calib samples, one decoder layer in memory at a time, each layer calibrated on the quantized "
+        "outputs of the layers before it) or qvlm (the Q-VLM search: entropy-guided "
         "blocks of decoder layers, block-wise rounding/scale search from a GPTQ start, one block in "
         "memory at a time) (default: rtn)",
     )
@@ -232,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "only, every group full: K a multiple of the group size) (default: qvlm)",
     )
     add_scale_dtype_arg(q)
-    q.add_argument("--quantize-vision", action="store_true", help="also quantize the CLIP tower and the projector")
+    q.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector (CLIP/SigLIP towers)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (off by default)")
     add_calibration_args(q)
     add_search_args(q)

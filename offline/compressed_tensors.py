@@ -57,13 +57,8 @@ from qvlm_kernels.checkpoint import (
 from qvlm_kernels.format import QWEIGHT, QZEROS, SCALES, FormatError, LayerSpec, QVLMQuantConfig, get_scheme
 from qvlm_kernels.pack import unpack_codes
 
-from .capture import transformers_module_name
+from .adapters import ModelAdapter, adapter_for
 from .export import (
-    IGNORE_LM_HEAD,
-    IGNORE_VISION,
-    LANGUAGE_LINEAR,
-    LM_HEAD,
-    VISION_LINEAR,
     ExportReport,
     ShardWriter,
     build_quant_config,
@@ -71,7 +66,6 @@ from .export import (
     copy_side_files,
     parse_size,
     staged_output,
-    wants_quantization,
 )
 
 FORMATS = ("qvlm", "compressed-tensors")
@@ -83,13 +77,13 @@ SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
 
-# Our ignore patterns -> patterns that match the module in both readers' names:
-# vLLM's (hub layout: ``vision_tower.vision_model.*``, ``language_model.lm_head``) and
-# transformers 5's (``model.vision_tower.*``, ``lm_head``). Both use ``re.match``.
-_CT_IGNORE = {
-    IGNORE_VISION[0]: "re:.*vision_tower\\.",
-    IGNORE_VISION[1]: "re:.*multi_modal_projector\\.",
-    IGNORE_LM_HEAD[0]: "re:(.*\\.)?lm_head$",
+# Ignore patterns of qvlm checkpoints written before the model adapters (hub names only) ->
+# patterns that match the module in both readers' names: vLLM's (``vision_tower.vision_model.*``,
+# ``language_model.lm_head``) and transformers 5's (``model.vision_tower.*``, ``lm_head``). Both
+# use ``re.match``. The adapters' own patterns already match every reader's names.
+_LEGACY_CT_IGNORE = {
+    "re:^vision_tower\\.": "re:.*vision_tower\\.",
+    "re:^multi_modal_projector\\.": "re:.*multi_modal_projector\\.",
 }
 # vLLM's ParallelLMHead is not a "Linear" by class; a quantized lm_head needs a name target.
 _CT_LM_HEAD_TARGET = "re:(.*\\.)?lm_head$"
@@ -156,24 +150,25 @@ def ct_scheme(spec: LayerSpec, targets: list[str], scale_dtype: torch.dtype = to
     return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs, format=fmt)
 
 
-def ct_ignore(ignore: Iterable[str]) -> list[str]:
-    """Our ``ignore`` entries in names both vLLM and transformers give LLaVA's modules."""
+def ct_ignore(ignore: Iterable[str], adapter: ModelAdapter) -> list[str]:
+    """Our ``ignore`` entries in names both vLLM and transformers give the model's modules."""
+    known = {p: p for p in (*adapter.ignore_vision, *adapter.ignore_lm_head)} | _LEGACY_CT_IGNORE
     out: list[str] = []
     for pat in ignore:
-        if pat in _CT_IGNORE:
-            mapped = [_CT_IGNORE[pat]]
+        if pat in known:
+            mapped = [known[pat]]
         elif pat.startswith("re:"):
             raise NotExpressibleError(
                 f"ignore pattern {pat!r} cannot be mapped to compressed-tensors' module names "
-                f"(known patterns: {', '.join(_CT_IGNORE)})"
+                f"(known patterns: {', '.join(known)})"
             )
-        else:  # an exact checkpoint (hub layout) module name, as vLLM names it, and transformers' name
-            mapped = [pat, transformers_module_name(pat)]
+        else:  # an exact checkpoint (hub layout) module name (vLLM maps it itself) and transformers' name
+            mapped = [pat, adapter.transformers_name(pat)]
         out += [m for m in mapped if m not in out]
     return out
 
 
-def build_ct_config(qcfg: QVLMQuantConfig, quantized: dict[str, tuple[int, int]],
+def build_ct_config(qcfg: QVLMQuantConfig, quantized: dict[str, tuple[int, int]], adapter: ModelAdapter,
                     scale_dtype: torch.dtype = torch.float16):
     """``QuantizationConfig`` for a qvlm checkpoint whose quantized modules are ``{module: (K, N)}``."""
     from compressed_tensors.quantization import QuantizationConfig
@@ -185,13 +180,13 @@ def build_ct_config(qcfg: QVLMQuantConfig, quantized: dict[str, tuple[int, int]]
     for m, (k, _) in quantized.items():
         check_layer_expressible(m, k, specs[m])
     targets = ["Linear"]
-    if any(LM_HEAD.match(m) for m in quantized):
+    if any(adapter.is_lm_head(m) for m in quantized):
         targets.append(_CT_LM_HEAD_TARGET)
-    spec = qcfg.layer_spec("language_model.model.layers.0.mlp.down_proj")
+    spec = qcfg.layer_spec(adapter.decoder_linears(0)[-1])
     scheme = ct_scheme(spec, targets, scale_dtype)
     return QuantizationConfig(
         config_groups={"group_0": scheme}, format=scheme.format, quantization_status="compressed",
-        ignore=ct_ignore(qcfg.ignore),
+        ignore=ct_ignore(qcfg.ignore, adapter),
     )
 
 
@@ -235,13 +230,13 @@ def expected_ct_shapes(spec: LayerSpec, k: int, n: int, scale_dtype: str = "floa
     return shapes
 
 
-def _linear_modules(table) -> list[str]:
-    """Every LLaVA linear of a checkpoint (quantized or not), by its hub-layout module name."""
+def _linear_modules(table, adapter: ModelAdapter) -> list[str]:
+    """Every linear of a checkpoint the adapter knows (quantized or not), by its hub-layout module name."""
     names = set()
     for name in table:
         module, _, suffix = name.rpartition(".")
         if suffix in ("weight", QWEIGHT, "weight_packed") and (
-            LANGUAGE_LINEAR.match(module) or VISION_LINEAR.match(module) or LM_HEAD.match(module)
+            adapter.is_decoder_linear(module) or adapter.is_vision_linear(module) or adapter.is_lm_head(module)
         ):
             names.add(module)
     return sorted(names)
@@ -272,10 +267,11 @@ def validate_ct_checkpoint(model_dir: str | Path) -> dict[str, tuple[int, int]]:
     wanted = set(compressor.compression_param_names(scheme))
     scale_dtype = str(scheme.weights.scale_dtype or torch.float16).removeprefix("torch.")
     table = tensor_table(model_dir)
+    adapter = adapter_for(model_dir, tensor_names=table)
     probe = torch.nn.Linear(1, 1, device="meta")
     modules: dict[str, tuple[int, int]] = {}
-    for m in _linear_modules(table):
-        selected = {is_match(name, probe, scheme.targets, qc.ignore) for name in (m, transformers_module_name(m))}
+    for m in _linear_modules(table, adapter):
+        selected = {is_match(name, probe, scheme.targets, qc.ignore) for name in (m, adapter.transformers_name(m))}
         if len(selected) != 1:
             raise FormatError(f"{model_dir}: module {m!r} is selected in one reader's names but not the other's")
         have = {name.rpartition(".")[2] for name in table if name.rpartition(".")[0] == m} - {"bias"}
@@ -324,7 +320,7 @@ def convert_checkpoint(
     quantized = validate_checkpoint(src, qcfg)
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
-    ct_config = build_ct_config(qcfg, quantized, SCALE_DTYPES[scale_dtype])  # refuses before anything is written
+    ct_config = build_ct_config(qcfg, quantized, adapter_for(src), SCALE_DTYPES[scale_dtype])  # refuses before anything is written
     config = read_config(src)
     config.pop("quantization_config", None)
     table = tensor_table(src)
@@ -361,13 +357,16 @@ def convert_checkpoint(
 def preflight_export(src: str | Path, scheme: str, group_size: int | None, symmetric: bool,
                      quantize_vision: bool, quantize_lm_head: bool) -> None:
     """Refuse a ``quantize --format compressed-tensors`` run before any calibration or search."""
-    qcfg = build_quant_config(scheme, group_size, symmetric, quantize_vision, quantize_lm_head, producer={})
+    table = tensor_table(src)
+    adapter = adapter_for(src, tensor_names=table)
+    qcfg = build_quant_config(scheme, group_size, symmetric, quantize_vision, quantize_lm_head, producer={},
+                              adapter=adapter)
     check_expressible(qcfg.scheme, qcfg.group_size, qcfg.symmetric)
-    for info in tensor_table(src).values():
+    for info in table.values():
         module, _, suffix = info.name.rpartition(".")
         spec = qcfg.layer_spec(module)
         if (suffix == "weight" and len(info.shape) == 2 and spec is not None
-                and wants_quantization(module, quantize_vision, quantize_lm_head)
+                and adapter.wants_quantization(module, quantize_vision, quantize_lm_head)
                 and info.shape[1] % spec.pack_factor == 0):
             check_layer_expressible(module, info.shape[1], spec)
 

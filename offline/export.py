@@ -1,4 +1,4 @@
-"""Stream a LLaVA safetensors checkpoint into a qvlm checkpoint.
+"""Stream a VLM safetensors checkpoint into a qvlm checkpoint.
 
 Reads one tensor at a time (plain reads, no mmap), quantizes the linear weights it
 is asked to, and writes output shards of bounded size into a temporary sibling
@@ -7,8 +7,9 @@ interrupted run leaves no output directory. Non-weight files (tokenizer,
 processor, chat template, generation config) are copied so the output is a
 complete model for ``vllm serve``.
 
-What it does not do: pick the rounding. ``quantize_fn`` (RTN here; the searches
-elsewhere) maps a dense weight to stored tensors.
+What it does not do: pick the rounding (``quantize_fn``: RTN here, the searches elsewhere,
+maps a dense weight to stored tensors) or know module names (the checkpoint's
+:class:`~qvlm_offline.adapters.ModelAdapter` says which linears are which).
 """
 
 from __future__ import annotations
@@ -47,18 +48,8 @@ from qvlm_kernels.format import (
     get_scheme,
 )
 
+from .adapters import ModelAdapter, adapter_for
 from .rtn import quantize_rtn
-
-# Linear layers by role, matched on the module name (llava-hf checkpoint layout).
-LANGUAGE_LINEAR = re.compile(r"^(language_model\.)?model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
-VISION_LINEAR = re.compile(
-    r"^(vision_tower\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
-    r"|multi_modal_projector\.linear_[12])$"
-)
-LM_HEAD = re.compile(r"^(language_model\.)?lm_head$")
-
-IGNORE_VISION = ["re:^vision_tower\\.", "re:^multi_modal_projector\\."]
-IGNORE_LM_HEAD = ["re:^(language_model\\.)?lm_head$"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 _SKIP_FILES = {INDEX_FILE, "config.json"}
@@ -87,21 +78,15 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def wants_quantization(module: str, quantize_vision: bool, quantize_lm_head: bool) -> bool:
-    if LANGUAGE_LINEAR.match(module):
-        return True
-    if VISION_LINEAR.match(module):
-        return quantize_vision
-    return quantize_lm_head and LM_HEAD.match(module) is not None
-
-
 def quantizable_modules(src: str | Path, quantize_vision: bool, quantize_lm_head: bool) -> list[str]:
     """Modules whose ``.weight`` the export will quantize (for calibration hooks)."""
+    table = tensor_table(src)
+    adapter = adapter_for(src, tensor_names=table)
     return [
         info.name.rpartition(".")[0]
-        for info in tensor_table(src).values()
+        for info in table.values()
         if info.name.endswith(".weight") and len(info.shape) == 2
-        and wants_quantization(info.name.rpartition(".")[0], quantize_vision, quantize_lm_head)
+        and adapter.wants_quantization(info.name.rpartition(".")[0], quantize_vision, quantize_lm_head)
     ]
 
 
@@ -208,10 +193,12 @@ def build_quant_config(
     quantize_vision: bool,
     quantize_lm_head: bool,
     producer: dict,
+    adapter: ModelAdapter,
 ) -> QVLMQuantConfig:
-    ignore = [] if quantize_vision else list(IGNORE_VISION)
+    adapter.check_quantize_vision(quantize_vision)
+    ignore = [] if quantize_vision else list(adapter.ignore_vision)
     if not quantize_lm_head:
-        ignore += IGNORE_LM_HEAD
+        ignore += adapter.ignore_lm_head
     gs = default_group_size(scheme) if group_size is None else group_size
     return QVLMQuantConfig(
         scheme=scheme, group_size=gs, symmetric=symmetric, ignore=ignore, producer=producer
@@ -242,11 +229,8 @@ def export_checkpoint(
     """
     src, out = Path(src), Path(out)
     get_scheme(scheme)
-    config = read_config(src)
-    if find_quant_config(config) is not None:
-        raise FormatError(f"{src / 'config.json'}: the source is already quantized; start from a 16/32-bit model")
+    config, table, adapter = read_source(src)
     check_output_dir(src, out, overwrite)
-    table = tensor_table(src)
     _fixed_mmap_threshold()
     if quantize_fn is None:
         if method != "rtn":
@@ -255,7 +239,7 @@ def export_checkpoint(
 
     qcfg = build_quant_config(
         scheme, group_size, symmetric, quantize_vision, quantize_lm_head,
-        producer={"tool": "vllm-qvlm", "method": method},
+        producer={"tool": "vllm-qvlm", "method": method}, adapter=adapter,
     )
     report = ExportReport(out)
     skipped_patterns: list[str] = []
@@ -266,7 +250,7 @@ def export_checkpoint(
             report.bytes_in += info.nbytes
             module, _, suffix = info.name.rpartition(".")
             spec = qcfg.layer_spec(module)
-            if suffix != "weight" or spec is None or not wants_quantization(module, quantize_vision, quantize_lm_head):
+            if suffix != "weight" or spec is None or not adapter.wants_quantization(module, quantize_vision, quantize_lm_head):
                 if replace_tensors and info.name in replace_tensors:
                     new = replace_tensors[info.name]
                     if tuple(new.shape) != tuple(info.shape):
@@ -293,11 +277,12 @@ def export_checkpoint(
         writer.finish()
         report.bytes_out = writer.total_bytes
         if not report.quantized:
-            raise FormatError(f"{src}: no linear layer matched; is this a llava-hf layout checkpoint?")
-        if quantize_lm_head and not any(m.endswith("lm_head") for m in report.quantized):
+            raise FormatError(f"{src}: no linear layer matched the {adapter.family.name} layout "
+                              f"({adapter.layout.name}); the checkpoint's tensor names are not the hub's")
+        if quantize_lm_head and not any(adapter.is_lm_head(m) for m in report.quantized):
             # tied to the input embeddings (no lm_head tensor of its own): it stays 16-bit
-            report.skipped["language_model.lm_head"] = "tied to the input embeddings"
-            skipped_patterns += IGNORE_LM_HEAD
+            report.skipped[adapter.layout.lm_head] = "tied to the input embeddings"
+            skipped_patterns += adapter.ignore_lm_head
         if skipped_patterns:
             qcfg = qcfg.model_copy(update={"ignore": [*qcfg.ignore, *skipped_patterns]})
         config["quantization_config"] = qcfg.to_dict()
@@ -305,6 +290,15 @@ def export_checkpoint(
         copy_side_files(src, tmp)
         validate_checkpoint(tmp)  # the writer obeys the same rules as the reader
     return report
+
+
+def read_source(src: Path) -> tuple[dict, dict[str, TensorInfo], ModelAdapter]:
+    """A source checkpoint's config, tensor table and adapter; refuses quantized or pickle-only sources."""
+    config = read_config(src)
+    if find_quant_config(config) is not None:
+        raise FormatError(f"{src / 'config.json'}: the source is already quantized; start from a 16/32-bit model")
+    table = tensor_table(src)
+    return config, table, adapter_for(src, config=config, tensor_names=table)
 
 
 def check_output_dir(src: Path, out: Path, overwrite: bool) -> None:

@@ -3,7 +3,7 @@
 Pipeline (one call of :func:`qvlm_search`; see ``shared/DESIGN.md`` "The method"):
 
 1. **Profile.** Calibration samples go through the float model once, layer by layer
-   (:class:`~qvlm_offline.sequential.StreamingLlava`). For every decoder layer the
+   (:class:`~qvlm_offline.sequential.StreamingModel`). For every decoder layer the
    entropy of its quantized input (the normalised residual stream that q/k/v read) and
    the dependency ``D(k, k+1)`` between consecutive layers' inputs are measured
    (:mod:`qvlm_offline.entropy`; the residual basis makes channel pairing meaningful).
@@ -59,7 +59,8 @@ from .entropy import (
 from .gptq import HessianAccumulator, quantize_gptq
 from .partition import default_threshold, describe_partition, partition_blocks
 from .rtn import quantize_rtn, to_float16_at_least
-from .sequential import LAYER_PREFIX, LayerInputs, StreamingLlava, run_layer
+from .adapters import DecoderLayout
+from .sequential import LayerInputs, StreamingModel, run_layer
 
 _ZETA, _GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 SMOOTH_ALPHAS = (0.0, 0.25, 0.5, 0.75)
@@ -140,7 +141,7 @@ class SearchLinear(nn.Module):
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (h0 - _GAMMA) - 1))
         self.log_mult = nn.Parameter(torch.zeros_like(self.s0))
         self.hard = True
-        self.cached = None  # weight() shared by the samples of one step (set by _weights_once)
+        self.cached = None  # weight() shared by the samples of one step (set by weights_once)
 
     def h(self) -> torch.Tensor:
         hard = (self.v >= 0).to(torch.float32)
@@ -193,10 +194,6 @@ class ActQuantLinear(nn.Module):
 
 # ----------------------------------------------------------------------------- module plumbing
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -222,11 +219,11 @@ def _kl(logits_q: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
-class _Block:
+class Block:
     """The decoder layers of one block, run on samples, with per-layer outputs."""
 
-    def __init__(self, layers: list[nn.Module]):
-        self.layers = layers
+    def __init__(self, layers: list[nn.Module], linears: tuple[str, ...]):
+        self.layers, self.linear_names = layers, linears
 
     def outputs(self, x: LayerInputs, hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
         h = x.hidden if hidden is None else hidden
@@ -238,14 +235,14 @@ class _Block:
 
     def linears(self):
         for i, layer in enumerate(self.layers):
-            for name in LINEARS:
+            for name in self.linear_names:
                 yield i, name, layer
 
 
 # ----------------------------------------------------------------------------- search
 
 
-def _profile(model: StreamingLlava, xs: list[LayerInputs], bits: int, progress: bool):
+def _profile(model: StreamingModel, xs: list[LayerInputs], bits: int, progress: bool):
     """Float pass: per-layer input entropy and D(k, k+1) on the normalised residual stream.
 
     Each layer's input is quantized to codes once; the codes feed its entropy and both
@@ -254,6 +251,7 @@ def _profile(model: StreamingLlava, xs: list[LayerInputs], bits: int, progress: 
     ent, dep = [], []
     prev_codes = None
     hidden = [x.hidden for x in xs]
+    input_norm = model.adapter.decoder.groups[0].norm  # the normalised residual stream layer i reads
     for i in tqdm(range(model.num_layers), desc="profile", unit="layer", disable=not progress):
         layer = model.load_layer(i)
         em = EntropyMeter(bits)
@@ -261,7 +259,7 @@ def _profile(model: StreamingLlava, xs: list[LayerInputs], bits: int, progress: 
         codes = []
         with torch.no_grad():
             for j, x in enumerate(xs):
-                c = quantize_codes_per_token(layer.input_layernorm(hidden[j]), bits)
+                c = quantize_codes_per_token(layer.get_submodule(input_norm)(hidden[j]), bits)
                 em.update_codes(c)
                 codes.append(c)
                 if prev_codes is not None:
@@ -282,30 +280,29 @@ def _smooth_factors(xmax: torch.Tensor, weights: list[torch.Tensor], alpha: floa
 
 
 @torch.no_grad()
-def _apply_smoothing(layer: nn.Module, stats: dict[str, torch.Tensor], alpha: float) -> None:
-    """Fold per-channel factors s (activations / s, weights * s) into norms and up_proj rows."""
+def _apply_smoothing(layer: nn.Module, stats: dict[str, torch.Tensor], alpha: float, layout: DecoderLayout) -> None:
+    """Fold per-channel factors s (activations / s, weights * s) into each input group's norm or producer rows."""
     if alpha == 0.0:
         return
-    a, m = layer.self_attn, layer.mlp
-    groups = [
-        ("qkv", layer.input_layernorm, None, [a.q_proj, a.k_proj, a.v_proj]),
-        ("gate_up", layer.post_attention_layernorm, None, [m.gate_proj, m.up_proj]),
-        ("down", None, m.up_proj, [m.down_proj]),
-    ]
-    for key, norm, producer, consumers in groups:
-        s = _smooth_factors(stats[key], [c.weight for c in consumers], alpha)
-        if norm is not None:
-            norm.weight.div_(s)
+    for g in layout.groups:
+        consumers = [layer.get_submodule(n) for n in g.linears]
+        s = _smooth_factors(stats[g.key], [c.weight for c in consumers], alpha)
+        if g.norm is not None:
+            layer.get_submodule(g.norm).weight.div_(s)
         else:
+            producer = layer.get_submodule(g.producer)
             producer.weight.div_(s.unsqueeze(1))
+            if producer.bias is not None:
+                producer.bias.div_(s)
         for c in consumers:
             c.weight.mul_(s.unsqueeze(0))
 
 
 @torch.no_grad()
-def _input_absmax(layer: nn.Module, xs: list[LayerInputs], hidden: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _input_absmax(layer: nn.Module, xs: list[LayerInputs], hidden: list[torch.Tensor],
+                  layout: DecoderLayout) -> dict[str, torch.Tensor]:
     stats: dict[str, torch.Tensor] = {}
-    watch = {"qkv": layer.self_attn.q_proj, "gate_up": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
+    watch = {g.key: layer.get_submodule(g.linears[0]) for g in layout.groups}
     hooks = []
     for key, mod in watch.items():
         def hook(_m, args, key=key):
@@ -322,24 +319,24 @@ def _input_absmax(layer: nn.Module, xs: list[LayerInputs], hidden: list[torch.Te
 
 
 def _quantize_layer_rtn(layer: nn.Module, specs: dict[str, LayerSpec], act_bits) -> None:
-    for name in LINEARS:
+    for name in specs:
         lin = layer.get_submodule(name)
         q = quantize_rtn(lin.weight.detach(), specs[name], name)
         _set(layer, name, SearchLinear(lin, specs[name], *q, act_bits))
 
 
-def _searched(block: _Block) -> list[SearchLinear]:
+def _searched(block: Block) -> list[SearchLinear]:
     return [m for layer in block.layers for m in layer.modules() if isinstance(m, SearchLinear)]
 
 
-def _block_error(block: _Block, xs, hidden_q, targets) -> float:
+def _block_error(block: Block, xs, hidden_q, targets) -> float:
     """Mean relative squared error of the block's output over the samples."""
-    with torch.no_grad(), _weights_once(_searched(block), grad=False):
+    with torch.no_grad(), weights_once(_searched(block), grad=False):
         errs = [float(_rel_err(block.outputs(x, h)[-1], t[-1])) for x, h, t in zip(xs, hidden_q, targets)]
     return sum(errs) / max(len(errs), 1)
 
 
-def _sample_loss(block: _Block, x, h, target, weights, head, kl_weight, fp_logp=None) -> torch.Tensor:
+def _sample_loss(block: Block, x, h, target, weights, head, kl_weight, fp_logp=None) -> torch.Tensor:
     """The search objective on one sample: entropy-weighted layer errors (+ KL for the last block,
     ``fp_logp`` = the float model's next-token log-probs for this sample)."""
     outs = block.outputs(x, h)
@@ -349,29 +346,29 @@ def _sample_loss(block: _Block, x, h, target, weights, head, kl_weight, fp_logp=
     return loss
 
 
-def _objective(block: _Block, xs, hidden_q, targets, weights, head, kl_weight, fp_logp) -> float:
+def _objective(block: Block, xs, hidden_q, targets, weights, head, kl_weight, fp_logp) -> float:
     with torch.no_grad():
         vals = [float(_sample_loss(block, x, h, t, weights, head, kl_weight, fp_logp[j] if head else None))
                 for j, (x, h, t) in enumerate(zip(xs, hidden_q, targets))]
     return sum(vals) / max(len(vals), 1)
 
 
-def _choose_smoothing(layer_fp: nn.Module, specs, act_bits, xs, hidden_q, targets) -> float:
+def _choose_smoothing(layer_fp: nn.Module, specs, act_bits, xs, hidden_q, targets, layout: DecoderLayout) -> float:
     """Best migration strength for one decoder layer, by its output error with RTN weights."""
-    stats = _input_absmax(layer_fp, xs, hidden_q)
+    stats = _input_absmax(layer_fp, xs, hidden_q, layout)
     best, best_err = 0.0, math.inf
     for alpha in SMOOTH_ALPHAS:
         trial = copy.deepcopy(layer_fp)
-        _apply_smoothing(trial, stats, alpha)
+        _apply_smoothing(trial, stats, alpha, layout)
         _quantize_layer_rtn(trial, specs, act_bits)
-        err = _block_error(_Block([trial]), xs, hidden_q, [[t] for t in targets])
+        err = _block_error(Block([trial], layout.linears), xs, hidden_q, [[t] for t in targets])
         if err < best_err:
             best, best_err = alpha, err
-    _apply_smoothing(layer_fp, stats, best)
+    _apply_smoothing(layer_fp, stats, best, layout)
     return best
 
 
-def _gptq_init(block: _Block, specs: dict[tuple[int, str], LayerSpec], act_bits, xs, hidden_q) -> dict:
+def gptq_block(block: Block, specs: dict[tuple[int, str], LayerSpec], act_bits, xs, hidden_q) -> dict:
     """Hessians of the block's linear inputs (X_q through the float block) -> GPTQ solutions."""
     accs: dict[tuple[int, str], HessianAccumulator] = {}
     hooks = []
@@ -403,7 +400,7 @@ def _layer_weights(ent: list[float], start: int, end: int, on: bool) -> list[flo
     return [v / sum(e) for v in e]
 
 
-class _weights_once:
+class weights_once:
     """Compute each searched layer's weight once for a step or an evaluation, not once per sample."""
 
     def __init__(self, slins: list[SearchLinear], grad: bool):
@@ -428,7 +425,7 @@ def _split(n: int, holdout: float) -> tuple[list[int], list[int]]:
     return held, [j for j in range(n) if j not in set(held)]
 
 
-def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, weights, cfg: SearchConfig,
+def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, weights, cfg: SearchConfig,
               head: Callable | None, gen: torch.Generator) -> tuple[list[float], float, int]:
     """Adam on rounding logits and scale multipliers; returns (losses, best objective, its step).
 
@@ -450,7 +447,7 @@ def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, w
 
     def evaluate() -> float:
         sub = lambda v: None if v is None else [v[j] for j in held]  # noqa: E731
-        with _weights_once(slins, grad=False):
+        with weights_once(slins, grad=False):
             return _objective(block, sub(xs), sub(hidden_q), sub(targets), weights, head, cfg.kl_weight,
                               sub(fp_logp))
 
@@ -460,7 +457,7 @@ def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, w
         for s in slins:
             s.hard = False
         idx = [train[j] for j in torch.randperm(len(train), generator=gen)[: cfg.batch_samples].tolist()]
-        with _weights_once(slins, grad=True):
+        with weights_once(slins, grad=True):
             loss = sum(_sample_loss(block, xs[j], hidden_q[j], targets[j], weights, head, cfg.kl_weight,
                                     fp_logp[j] if head is not None else None) for j in idx) / len(idx)
             opt.zero_grad(set_to_none=True)
@@ -482,8 +479,9 @@ def _optimize(block: _Block, slins: list[SearchLinear], xs, hidden_q, targets, w
 
 def _frozen_layer(layer: nn.Module, act_bits: int | None) -> nn.Module:
     """A searched decoder layer with its linears as plain float layers holding the stored math."""
-    for name in LINEARS:
-        sl = layer.get_submodule(name)
+    for name, sl in list(layer.named_modules()):
+        if not isinstance(sl, SearchLinear):
+            continue
         lin = nn.Linear(sl.weight_fp.shape[1], sl.weight_fp.shape[0], bias=sl.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(sl.weight())
@@ -497,7 +495,7 @@ def _text_positions(inputs: dict, image_token_id: int) -> torch.Tensor:
     return inputs["input_ids"][0] != image_token_id
 
 
-def _optimize_vision(model: StreamingLlava, qlayers: list[nn.Module], model_inputs: list[dict],
+def _optimize_vision(model: StreamingModel, qlayers: list[nn.Module], model_inputs: list[dict],
                      hidden_fp: list[torch.Tensor], cfg: SearchConfig, gen: torch.Generator, progress: bool) -> dict:
     """Visual stage: tune the projector so the *quantized* language model reproduces the float model.
 
@@ -510,16 +508,16 @@ def _optimize_vision(model: StreamingLlava, qlayers: list[nn.Module], model_inpu
     state on the calibration set (including the start) is kept. Needs the whole quantized
     language model in memory (dequantized float32 weights).
     """
-    lm = model.model.model.language_model
+    lm = model.language_model
     saved_layers, saved_n = lm.layers, lm.config.num_hidden_layers
     lm.layers, lm.config.num_hidden_layers = nn.ModuleList(qlayers), len(qlayers)
-    proj = model.model.model.multi_modal_projector
+    proj = model.model.get_submodule(model.adapter.projector_module)
     image_token = model.config.image_token_id
     targets = [F.log_softmax(model.head(h).float(), -1)[0] for h in hidden_fp]
     masks = [_text_positions(inp, image_token) for inp in model_inputs]
 
     def kl(j: int) -> torch.Tensor:
-        inp = {k: (v.to(torch.float32) if k == "pixel_values" else v) for k, v in model_inputs[j].items()}
+        inp = {k: (v.to(torch.float32) if torch.is_floating_point(v) else v) for k, v in model_inputs[j].items()}
         logits = model.model(**inp, use_cache=False).logits[0]
         lq = F.log_softmax(logits.float(), -1)
         lp = targets[j]
@@ -557,7 +555,7 @@ def _optimize_vision(model: StreamingLlava, qlayers: list[nn.Module], model_inpu
         lm.layers, lm.config.num_hidden_layers = saved_layers, saved_n
 
 
-def _head_fn(model: StreamingLlava):
+def _head_fn(model: StreamingModel):
     for p in model.model.parameters():
         p.requires_grad_(False)
     return model.head
@@ -571,7 +569,7 @@ def qvlm_search(
     *,
     progress: bool = True,
 ) -> SearchResult:
-    """Run the Q-VLM search on the language model of ``model_dir`` (llava-hf layout).
+    """Run the Q-VLM search on the language model of ``model_dir`` (any family in :mod:`qvlm_offline.adapters`).
 
     ``model_inputs``: processor outputs per calibration sample
     (:func:`qvlm_offline.calibration.build_model_inputs`). ``spec_for(hub module name)``
@@ -581,18 +579,19 @@ def qvlm_search(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t_start = time.perf_counter()
-    model = StreamingLlava(model_dir)
+    model = StreamingModel(model_dir)
+    layout = model.adapter.decoder
     head = _head_fn(model)
     xs = model.first_layer_inputs(model_inputs, progress=progress)
 
-    names = [f"{LAYER_PREFIX}{i}" for i in range(model.num_layers)]
+    names = model.adapter.layer_prefixes
     specs_all = []
     for prefix in names:
-        specs = {n: spec_for(f"{prefix}.{n}") for n in LINEARS}
+        specs = {n: spec_for(f"{prefix}.{n}") for n in layout.linears}
         if any(s is None for s in specs.values()):
             raise ValueError(f"{prefix}: the qvlm search quantizes whole decoder layers; some linears are ignored")
         specs_all.append(specs)
-    act_bits = specs_all[0]["self_attn.q_proj"].act_bits
+    act_bits = specs_all[0][layout.linears[0]].act_bits
     smooth = cfg.smooth if cfg.smooth is not None else act_bits is not None
 
     t0 = time.perf_counter()
@@ -612,35 +611,35 @@ def qvlm_search(
         for layer in layers_fp:
             layer.requires_grad_(False)
         with torch.no_grad():
-            targets = [_Block(layers_fp).outputs(x, h) for x, h in zip(xs, hidden_fp)]
+            targets = [Block(layers_fp, layout.linears).outputs(x, h) for x, h in zip(xs, hidden_fp)]
         alphas = []
         if smooth:  # layer by layer on the quantized path's inputs
             h_in = hidden_q
             for li, layer in enumerate(layers_fp):
                 t_layer = [t[li] for t in targets]
-                alphas.append(_choose_smoothing(layer, specs_all[start + li], act_bits, xs, h_in, t_layer))
+                alphas.append(_choose_smoothing(layer, specs_all[start + li], act_bits, xs, h_in, t_layer, layout))
                 with torch.no_grad():
                     h_in = [run_layer(layer, x, h) for x, h in zip(xs, h_in)]
-        specs = {(i, n): specs_all[start + i][n] for i in range(end - start) for n in LINEARS}
+        specs = {(i, n): specs_all[start + i][n] for i in range(end - start) for n in layout.linears}
 
         # RTN reference and the GPTQ start
         rtn_layers = [copy.deepcopy(layer) for layer in layers_fp]
         for i, layer in enumerate(rtn_layers):
             _quantize_layer_rtn(layer, specs_all[start + i], act_bits)
-        err_rtn = _block_error(_Block(rtn_layers), xs, hidden_q, targets)
+        err_rtn = _block_error(Block(rtn_layers, layout.linears), xs, hidden_q, targets)
         del rtn_layers
-        fp_block = _Block(layers_fp)
-        starts = (_gptq_init(fp_block, specs, act_bits, xs, hidden_q)
+        fp_block = Block(layers_fp, layout.linears)
+        starts = (gptq_block(fp_block, specs, act_bits, xs, hidden_q)
                   if cfg.init == "gptq" else
                   {(i, n): quantize_rtn(layer.get_submodule(n).weight.detach(), specs[(i, n)], n)
-                   for i, layer in enumerate(layers_fp) for n in LINEARS})
+                   for i, layer in enumerate(layers_fp) for n in layout.linears})
         qlayers = [copy.deepcopy(layer) for layer in layers_fp]
         slins = []
         for (i, name), q in starts.items():
             sl = SearchLinear(qlayers[i].get_submodule(name), specs[(i, name)], *q, act_bits)
             _set(qlayers[i], name, sl)
             slins.append(sl)
-        qblock = _Block(qlayers)
+        qblock = Block(qlayers, layout.linears)
         err_init = _block_error(qblock, xs, hidden_q, targets)
         weights = _layer_weights(ent, start, end, cfg.entropy_weighting)
         is_last = end == model.num_layers
@@ -650,14 +649,14 @@ def qvlm_search(
                                                head if is_last else None, gen)
         err_final = _block_error(qblock, xs, hidden_q, targets)
 
-        with torch.no_grad(), _weights_once(slins, grad=False):
+        with torch.no_grad(), weights_once(slins, grad=False):
             hidden_q = [qblock.outputs(x, h)[-1] for x, h in zip(xs, hidden_q)]
             hidden_fp = [t[-1] for t in targets]
         for (i, name), sl in zip(starts, slins):
             tensors[f"{names[start + i]}.{name}"] = sl.stored()
         if smooth:
             for i, layer in enumerate(layers_fp):
-                for norm in ("input_layernorm", "post_attention_layernorm"):
+                for norm in layout.norms:
                     replaced[f"{names[start + i]}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().clone()
         block_reports.append({
             "block": b, "start": start, "end": end, "layer_weights": weights, "smoothing_alpha": alphas,
@@ -673,9 +672,9 @@ def qvlm_search(
     vision_report = None
     if cfg.optimize_vision:
         vision_report = _optimize_vision(model, kept_layers, model_inputs, hidden_fp, cfg, gen, progress)
-        proj = model.model.model.multi_modal_projector
+        proj = model.model.get_submodule(model.adapter.projector_module)
         for name, p in proj.named_parameters():
-            replaced[f"multi_modal_projector.{name}"] = p.detach().clone()
+            replaced[f"{model.adapter.projector}{name}"] = p.detach().clone()
         # does the tuned projector lower the cross-layer dependency? (measured, not assumed)
         ent_v, dep_v = _profile(model, model.first_layer_inputs(model_inputs), bits, progress)
         vision_report |= {"entropy_after": ent_v, "dependency_after": dep_v,

@@ -1,13 +1,14 @@
-"""Layer-by-layer access to a llava-hf checkpoint, for the sequential (streaming) searches.
+"""Layer-by-layer access to a VLM checkpoint, for the sequential (streaming) pipeline.
 
 The Q-VLM search walks the language model one block of decoder layers at a time and
 feeds each block the outputs of the already-quantized blocks before it. Holding the
-whole float model for that is wasteful, so :class:`StreamingLlava` keeps only a
+whole float model for that is wasteful, so :class:`StreamingModel` keeps only a
 *skeleton* in memory (vision tower, projector, embeddings, final norm, ``lm_head``:
 what turns samples into first-layer inputs and last-layer outputs into logits) and
 reads one decoder layer at a time from the safetensors files (plain reads, no mmap),
 in float32. Peak memory is then the skeleton + the layers of one block + the
-calibration activations.
+calibration activations. Module names come from the checkpoint's
+:class:`~qvlm_offline.adapters.ModelAdapter` (any supported family).
 
 How the first layer's inputs are captured: the skeleton's language model holds a
 single stand-in layer that records what transformers passes to decoder layer 0
@@ -26,9 +27,7 @@ from torch import nn
 
 from qvlm_kernels.checkpoint import read_config, read_tensor, tensor_table
 
-from .capture import transformers_module_name
-
-LAYER_PREFIX = "language_model.model.layers."
+from .adapters import ModelAdapter, UnsupportedModelError, adapter_for
 
 
 class _Stop(Exception):
@@ -64,58 +63,75 @@ def _layer_kwargs(kwargs: dict) -> dict:
     return out
 
 
-class StreamingLlava:
-    """A llava-hf safetensors model read one decoder layer at a time (float32, CPU)."""
+class StreamingModel:
+    """A safetensors VLM checkpoint read one decoder layer at a time (float32, CPU)."""
 
-    def __init__(self, model_dir: str | Path, *, attn_implementation: str = "sdpa"):
-        from transformers import AutoConfig, LlavaForConditionalGeneration
+    def __init__(self, model_dir: str | Path, *, adapter: ModelAdapter | None = None,
+                 attn_implementation: str = "sdpa"):
+        from transformers import AutoConfig
 
         self.model_dir = Path(model_dir)
         self.table = tensor_table(self.model_dir)
         raw = read_config(self.model_dir)
+        self.adapter = adapter or adapter_for(self.model_dir, config=raw, tensor_names=self.table)
         config = AutoConfig.from_pretrained(self.model_dir)
         config._attn_implementation = attn_implementation
-        config.text_config._attn_implementation = attn_implementation
-        config.vision_config._attn_implementation = attn_implementation
+        for sub in ("text_config", "vision_config"):
+            if getattr(config, sub, None) is not None:
+                getattr(config, sub)._attn_implementation = attn_implementation
         self.config = config
-        self.num_layers = int(config.text_config.num_hidden_layers)
+        text = config.get_text_config()
+        self.text_config = text
+        self.num_layers = int(text.num_hidden_layers)
+        layer_types = getattr(text, "layer_types", None)
+        if layer_types and len(set(layer_types)) > 1:  # the catcher records layer 0's mask only
+            raise UnsupportedModelError(f"{self.model_dir}: decoder layers of different attention types "
+                                        f"{sorted(set(layer_types))} are not supported by the streaming pipeline")
         skel_cfg = copy.deepcopy(config)
-        skel_cfg.text_config.num_hidden_layers = 1
+        skel_cfg.get_text_config().num_hidden_layers = 1
         torch.manual_seed(0)  # skeleton init is overwritten; keep it reproducible anyway
-        model = LlavaForConditionalGeneration(skel_cfg).eval()
-        lm = model.model.language_model
+        model = self.adapter.model_class()(skel_cfg).eval()
+        lm = model.get_submodule(self.adapter.language_model)
         self._layer_cls = type(lm.layers[0])
         lm.layers = nn.ModuleList([_Catcher()])
         self.model = model
         self._load_skeleton(raw)
 
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.get_submodule(self.adapter.language_model)
+
     # ------------------------------------------------------------------ weights
 
     def _load_skeleton(self, raw_config: dict) -> None:
+        ad = self.adapter
+        layers = f"{ad.layout.text}layers."
         state = {}
         for name, info in self.table.items():
-            if name.startswith(LAYER_PREFIX):
+            if name.startswith(layers):
                 continue
-            state[transformers_module_name(name)] = read_tensor(info).to(torch.float32)
-        tie = raw_config.get("tie_word_embeddings", raw_config.get("text_config", {}).get("tie_word_embeddings"))
+            state[ad.transformers_name(name)] = read_tensor(info).to(torch.float32)
+        text_raw = raw_config.get("text_config") or {}
+        tie = raw_config.get("tie_word_embeddings", text_raw.get("tie_word_embeddings"))
+        embed = ad.transformers_name(ad.embed_tokens)
         if "lm_head.weight" not in state and tie:
-            state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+            state["lm_head.weight"] = state[embed]
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.startswith("model.language_model.layers.")]
+        missing = [m for m in missing if not m.startswith(f"{ad.language_model}.layers.")]
         if missing or unexpected:
-            raise ValueError(f"{self.model_dir}: checkpoint does not match the LLaVA config "
+            raise ValueError(f"{self.model_dir}: checkpoint does not match the {ad.family.name} config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         if tie:
             self.model.tie_weights()
 
     def layer_tensor_names(self, index: int) -> list[str]:
-        prefix = f"{LAYER_PREFIX}{index}."
+        prefix = f"{self.adapter.layer_prefix(index)}."
         return [n for n in self.table if n.startswith(prefix)]
 
     def load_layer(self, index: int) -> nn.Module:
         """Decoder layer ``index`` in float32, built from the checkpoint (not kept by this object)."""
-        prefix = f"{LAYER_PREFIX}{index}."
-        layer = self._layer_cls(self.config.text_config, index)
+        prefix = f"{self.adapter.layer_prefix(index)}."
+        layer = self._layer_cls(self.text_config, index)
         state = {n[len(prefix):]: read_tensor(self.table[n]).to(torch.float32) for n in self.layer_tensor_names(index)}
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -130,10 +146,10 @@ class StreamingLlava:
         """Inputs of decoder layer 0 for every sample (image features merged in)."""
         from tqdm import tqdm
 
-        catcher = self.model.model.language_model.layers[0]
+        catcher = self.language_model.layers[0]
         out = []
         for inputs in tqdm(model_inputs, desc="embed", unit="sample", disable=not progress):
-            inputs = {k: (v.to(torch.float32) if k == "pixel_values" else v) for k, v in inputs.items()}
+            inputs = {k: (v.to(torch.float32) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
             try:
                 self.model(**inputs, use_cache=False)
             except _Stop:
@@ -144,7 +160,7 @@ class StreamingLlava:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last decoder layer's output -> logits (final norm + lm_head)."""
-        return self.model.lm_head(self.model.model.language_model.norm(hidden))
+        return self.model.lm_head(self.language_model.norm(hidden))
 
 
 def run_layer(layer: nn.Module, x: LayerInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:

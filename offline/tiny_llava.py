@@ -128,17 +128,12 @@ def _build_tokenizer(vocab: list[str]):
 
 def hub_name(name: str) -> str:
     """transformers 5 parameter name -> llava-hf hub checkpoint name (what vLLM loads)."""
-    if name == "lm_head.weight":
-        return "language_model.lm_head.weight"
-    for src, dst in (
-        ("model.language_model.", "language_model.model."),
-        ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ):
-        if name.startswith(src):
-            return dst + name[len(src):]
-    raise ValueError(f"unexpected LLaVA parameter name {name!r}")
+    from .adapters import adapter_of
+
+    hub = adapter_of("LlavaForConditionalGeneration").hub_name(name)
+    if hub == name:
+        raise ValueError(f"unexpected LLaVA parameter name {name!r}")
+    return hub
 
 
 def _init_weights(model, seed: int, text_std: float, vision_std: float, lm_head_std: float,

@@ -61,13 +61,13 @@ def dequantized_llava(src, qdir):
     """transformers float32 LLaVA running what ``qdir`` stores: every quantized linear carries its
     dequantized codes (int-activation schemes also fake-quantize its input per token), and every
     float tensor comes from ``qdir`` too (searches may rewrite norms)."""
-    from transformers import LlavaForConditionalGeneration
-
     from qvlm_kernels import reference
     from qvlm_kernels.checkpoint import load_quant_config, read_tensor, tensor_table, validate_checkpoint
-    from qvlm_offline.capture import transformers_module_name
+    from qvlm_offline.adapters import adapter_for
 
-    model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+    adapter = adapter_for(src)
+    transformers_module_name = adapter.transformers_name
+    model = adapter.model_class().from_pretrained(src, dtype=torch.float32).eval()
     cfg, table = load_quant_config(qdir), tensor_table(qdir)
     params = dict(model.named_parameters())
     for name, info in table.items():

@@ -110,10 +110,21 @@ def test_ct_config_validates_and_selects_exactly_the_quantized_linears_in_both_r
 
 
 def test_ignore_patterns_map_to_both_readers_names():
+    from qvlm_offline.adapters import adapter_of
+
+    llava = adapter_of("LlavaForConditionalGeneration")
+    for legacy in (True, False):  # checkpoints written before the adapters, and the adapters' own patterns
+        ignore = ct_ignore(["re:^vision_tower\\.", "re:^multi_modal_projector\\."] if legacy
+                           else llava.ignore_vision, llava)
+        ignore += ct_ignore(["re:^(language_model\\.)?lm_head$", "language_model.model.layers.0.mlp.down_proj"], llava)
+        _check_ignore_matches(ignore)
+    with pytest.raises(NotExpressibleError, match="cannot be mapped"):
+        ct_ignore(["re:^something_else"], llava)
+
+
+def _check_ignore_matches(ignore):
     from compressed_tensors.utils.match import match_name
 
-    ignore = ct_ignore(["re:^vision_tower\\.", "re:^multi_modal_projector\\.", "re:^(language_model\\.)?lm_head$",
-                        "language_model.model.layers.0.mlp.down_proj"])
     for name in ("vision_tower.vision_model.encoder.layers.0.mlp.fc1", "model.vision_tower.encoder.layers.0.mlp.fc1",
                  "multi_modal_projector.linear_1", "model.multi_modal_projector.linear_1",
                  "language_model.lm_head", "lm_head",
@@ -121,8 +132,6 @@ def test_ignore_patterns_map_to_both_readers_names():
         assert any(match_name(name, p) for p in ignore), name
     for name in ("language_model.model.layers.0.mlp.up_proj", "model.language_model.layers.1.mlp.down_proj"):
         assert not any(match_name(name, p) for p in ignore), name
-    with pytest.raises(NotExpressibleError, match="cannot be mapped"):
-        ct_ignore(["re:^something_else"])
 
 
 @pytest.mark.parametrize("scheme,kw,message", [
@@ -225,9 +234,10 @@ def test_transformers_loads_the_export_and_runs_our_weights(tiny, scheme, dtype)
     generates what a float32 model running our dequantized weights generates."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from qvlm_offline.capture import transformers_module_name
+    from qvlm_offline.adapters import adapter_for
 
     root, srcs = tiny
+    transformers_module_name = adapter_for(srcs[dtype]).transformers_name
     src, q, c = srcs[dtype], root / f"{scheme}-{dtype}-qvlm", root / f"{scheme}-{dtype}-ct"
     export_checkpoint(src, q, scheme=scheme, group_size=None if scheme == "w8a8" else 64, progress=False)
     convert_checkpoint(q, c, scale_dtype=dtype, progress=False)

@@ -11,6 +11,7 @@ import torch
 
 from offline_helpers import dequantized_llava
 from qvlm_kernels.checkpoint import load_quant_config, read_tensor, tensor_table
+from qvlm_offline.adapters import adapter_for
 from qvlm_offline.calibration import build_model_inputs, load_calibration
 from qvlm_offline.cli import main
 from qvlm_offline.export import build_quant_config
@@ -31,7 +32,7 @@ def tiny(tmp_path_factory):
 
 def _search(tiny, scheme, **kw):
     src, inputs = tiny
-    spec_for = build_quant_config(scheme, None, True, False, False, {}).layer_spec
+    spec_for = build_quant_config(scheme, None, True, False, False, {}, adapter_for(src)).layer_spec
     return qvlm_search(src, inputs, spec_for, SearchConfig(**kw), progress=False)
 
 

@@ -29,6 +29,8 @@ class QVLMConfig(QuantizationConfig):
         self.schema = schema
         self.quantized_modules: dict[str, tuple[int, int]] | None = None
         self.model_dir: str | None = None
+        # vLLM module name -> checkpoint module name, where the model renames (hf_to_vllm_mapper)
+        self.hub_names: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"QVLMConfig({self.schema.to_dict() if self.schema else None})"
@@ -61,6 +63,20 @@ class QVLMConfig(QuantizationConfig):
             self.schema = load_quant_config(model_name)
         self.quantized_modules = validate_checkpoint(model_name, self.schema)
 
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        """Learn vLLM's names of the checkpoint's modules (e.g. Qwen2-VL's ``model.layers.N`` ->
+        ``language_model.model.layers.N``), so the config, which speaks checkpoint names, answers
+        for vLLM's prefixes."""
+        if self.model_dir is None:
+            return
+        from qvlm_kernels.checkpoint import tensor_table
+
+        modules = {n.rpartition(".")[0] for n in tensor_table(self.model_dir)}
+        for m in modules:
+            mapped = hf_to_vllm_mapper.map_name(f"{m}.weight")
+            if mapped is not None and mapped != f"{m}.weight":
+                self.hub_names[mapped.removesuffix(".weight")] = m
+
     def _shard_names(self, prefix: str) -> list[str]:
         proj = prefix.rsplit(".", 1)[-1]
         shards = self.packed_modules_mapping.get(proj)
@@ -72,7 +88,7 @@ class QVLMConfig(QuantizationConfig):
     def spec_for(self, prefix: str) -> LayerSpec | None:
         if self.schema is None:
             raise FormatError("qvlm: quantization_config was not loaded (no model directory seen)")
-        names = self._shard_names(prefix)
+        names = [self.hub_names.get(n, n) for n in self._shard_names(prefix)]
         specs = {self.schema.layer_spec(n) for n in names}
         if len(specs) > 1:
             raise FormatError(f"{prefix}: fused shards {names} have different qvlm settings {specs}")

@@ -1,0 +1,120 @@
+"""The quantize pipeline as one library call: calibration -> capture -> entropy -> partition
+-> search -> pack -> write.
+
+:func:`quantize` is what ``qvlm quantize``, ``qvlm demo`` and the tests run. It reads the
+checkpoint's adapter (:mod:`qvlm_offline.adapters`: which family, which layout), refuses
+what the chosen output format cannot express before any calibration, runs the method
+(``rtn``: no data; ``gptq``: GPTQ layer by layer on the streamed checkpoint; ``qvlm``: the
+Q-VLM search, also streamed), and writes the output directory atomically in the qvlm or
+the compressed-tensors format.
+
+What it does not do: parse command lines (:mod:`qvlm_offline.cli`) or hold the float model
+in memory (every calibrated method streams one decoder layer or block at a time).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .export import ExportReport, build_quant_config, check_output_dir, export_checkpoint, read_source
+
+METHODS = ("rtn", "gptq", "qvlm")
+FORMATS = ("qvlm", "compressed-tensors")
+
+
+@dataclass
+class QuantizeOptions:
+    """Everything ``qvlm quantize`` can be told (its ``--help`` explains each)."""
+
+    scheme: str
+    method: str = "rtn"
+    group_size: int | None = None
+    symmetric: bool = True
+    format: str = "qvlm"
+    scale_dtype: str = "float16"  # compressed-tensors only
+    quantize_vision: bool = False
+    quantize_lm_head: bool = False
+    calib: str = "easyvqa"
+    num_samples: int = 128
+    seed: int = 0
+    search: dict = field(default_factory=dict)  # SearchConfig fields (method qvlm)
+    max_shard_size: str | int = "2GB"
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class QuantizeResult:
+    export: ExportReport
+    report: dict  # method, scheme, search report (qvlm), seconds
+
+
+def _calibration_inputs(src: Path, opts: QuantizeOptions) -> list[dict]:
+    from transformers import AutoProcessor
+
+    from .calibration import build_model_inputs, load_calibration
+
+    processor = AutoProcessor.from_pretrained(src)
+    samples = load_calibration(opts.calib, opts.num_samples, opts.seed, processor=processor)  # its chat template
+    return build_model_inputs(samples, processor)
+
+
+def _quantize_fn(tensors: dict, replaced: dict):
+    """Export's quantize_fn: the method's stored tensors, RTN for what it did not solve."""
+    from .rtn import quantize_rtn
+
+    def quantize_fn(weight, spec, name):
+        module = name.removesuffix(".weight")
+        if module in tensors:
+            return tensors[module]
+        return quantize_rtn(replaced.get(name, weight), spec, name)
+
+    return quantize_fn
+
+
+def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> QuantizeResult:
+    """Quantize the checkpoint ``src`` into ``out`` (appears only when everything succeeded)."""
+    t_start = time.perf_counter()
+    src, out, opts = Path(src), Path(out), options
+    if opts.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {opts.method!r}")
+    if opts.format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {opts.format!r}")
+    _, _, adapter = read_source(src)
+    qcfg = build_quant_config(opts.scheme, opts.group_size, opts.symmetric, opts.quantize_vision,
+                              opts.quantize_lm_head, producer={}, adapter=adapter)
+    export = export_checkpoint
+    if opts.format == "compressed-tensors":  # refuse what it cannot express before calibrating
+        from .compressed_tensors import export_compressed_tensors, preflight_export
+
+        check_output_dir(src, out, opts.overwrite)
+        preflight_export(src, opts.scheme, opts.group_size, opts.symmetric, opts.quantize_vision,
+                         opts.quantize_lm_head)
+        export = functools.partial(export_compressed_tensors, scale_dtype=opts.scale_dtype)
+    else:
+        check_output_dir(src, out, opts.overwrite)
+
+    quantize_fn, replaced, report = None, None, {"method": opts.method}
+    if opts.method != "rtn":
+        inputs = _calibration_inputs(src, opts)
+        if opts.method == "qvlm":
+            from .qvlm import SearchConfig, qvlm_search
+
+            result = qvlm_search(src, inputs, qcfg.layer_spec, SearchConfig(**opts.search), progress=opts.progress)
+        else:
+            from .gptq_streaming import gptq_sequential
+
+            result = gptq_sequential(src, inputs, qcfg.layer_spec, progress=opts.progress)
+        quantize_fn, replaced, report = _quantize_fn(result.tensors, result.replaced), result.replaced, result.report
+    written = export(
+        src, out, scheme=opts.scheme, group_size=opts.group_size, symmetric=opts.symmetric,
+        quantize_vision=opts.quantize_vision, quantize_lm_head=opts.quantize_lm_head, method=opts.method,
+        quantize_fn=quantize_fn, replace_tensors=replaced, max_shard_size=opts.max_shard_size,
+        overwrite=opts.overwrite, progress=opts.progress,
+    )
+    report = dict(report) | {"scheme": opts.scheme, "family": adapter.family.name, "layout": adapter.layout.name,
+                             "seconds_total": time.perf_counter() - t_start, "num_quantized": len(written.quantized)}
+    return QuantizeResult(written, report)

@@ -39,6 +39,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import QVLMError
+
 QUANT_METHOD = "qvlm"
 FORMAT_VERSION = 1
 
@@ -51,7 +53,7 @@ SCALE_DTYPE_NAME = "float16"
 DEFAULT_GROUP_SIZE = 128
 
 
-class FormatError(ValueError):
+class FormatError(QVLMError, ValueError):
     """A checkpoint or config that does not follow this format."""
 
 

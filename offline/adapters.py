@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvlm_kernels.checkpoint import read_config, tensor_table
+from qvlm_kernels.errors import QVLMError
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(QVLMError, ValueError):
     """A checkpoint whose architecture (or text model, or layout) no adapter covers."""
 
 

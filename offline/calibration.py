@@ -67,6 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qvlm_kernels.errors import QVLMError
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -99,7 +101,7 @@ _SYSTEM = frozenset({"system"})
 Turns = tuple[tuple[str, "str | None"], ...]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(QVLMError, ValueError):
     """A bad calibration spec, source or record (the message names the file/line or row)."""
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from qvlm_kernels.errors import QVLMError
 from qvlm_kernels.format import SCHEMES
 
 from .bench_cli import add_bench_parser
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # FormatError is a ValueError
+    except (QVLMError, ValueError, OSError) as e:  # what the user gave is at fault; anything else is a bug
         print(f"qvlm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from qvlm_kernels.format import LayerSpec
+from qvlm_kernels.format import FormatError, LayerSpec
 from qvlm_kernels.reference import fake_quantize_per_token
 
 from .gptq import HessianAccumulator, quantize_gptq
@@ -78,7 +78,7 @@ def gptq_sequential(
         prefix = ad.layer_prefix(i)
         specs = {(0, n): spec_for(f"{prefix}.{n}") for n in layout.linears}
         if any(s is None for s in specs.values()):
-            raise ValueError(f"{prefix}: --method gptq quantizes whole decoder layers; some linears are ignored")
+            raise FormatError(f"{prefix}: --method gptq quantizes whole decoder layers; some linears are ignored")
         act_bits = specs[(0, layout.linears[0])].act_bits
         layer = model.load_layer(i).requires_grad_(False)
         block = Block([layer], layout.linears)

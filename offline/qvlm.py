@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from qvlm_kernels.format import LayerSpec
+from qvlm_kernels.format import FormatError, LayerSpec
 from qvlm_kernels.pack import pack_codes, unpack_codes
 from qvlm_kernels.reference import fake_quantize_per_token
 
@@ -589,7 +589,7 @@ def qvlm_search(
     for prefix in names:
         specs = {n: spec_for(f"{prefix}.{n}") for n in layout.linears}
         if any(s is None for s in specs.values()):
-            raise ValueError(f"{prefix}: the qvlm search quantizes whole decoder layers; some linears are ignored")
+            raise FormatError(f"{prefix}: the qvlm search quantizes whole decoder layers; some linears are ignored")
         specs_all.append(specs)
     act_bits = specs_all[0][layout.linears[0]].act_bits
     smooth = cfg.smooth if cfg.smooth is not None else act_bits is not None

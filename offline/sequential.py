@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qvlm_kernels.checkpoint import read_config, read_tensor, tensor_table
+from qvlm_kernels.format import FormatError
 
 from .adapters import ModelAdapter, UnsupportedModelError, adapter_for
 
@@ -119,7 +120,7 @@ class StreamingModel:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not m.startswith(f"{ad.language_model}.layers.")]
         if missing or unexpected:
-            raise ValueError(f"{self.model_dir}: checkpoint does not match the {ad.family.name} config "
+            raise FormatError(f"{self.model_dir}: checkpoint does not match the {ad.family.name} config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         if tie:
             self.model.tie_weights()
@@ -135,7 +136,7 @@ class StreamingModel:
         state = {n[len(prefix):]: read_tensor(self.table[n]).to(torch.float32) for n in self.layer_tensor_names(index)}
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{self.model_dir}: decoder layer {index} tensors do not match "
+            raise FormatError(f"{self.model_dir}: decoder layer {index} tensors do not match "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         return layer.eval()
 

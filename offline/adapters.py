@@ -291,6 +291,12 @@ class ModelAdapter:
         return self.transformers_name(self.projector).rstrip(".")
 
 
+def llava15_prompt(question: str) -> str:
+    """llava-1.5's chat prompt with exactly one ``<image>`` placeholder (the format of a LLaVA
+    processor without a chat template; vLLM's ``LLM.generate({"prompt": ..., "multi_modal_data": ...})``)."""
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
 def family_for(config: dict, where: str = "config.json") -> Family:
     archs = config.get("architectures") or []
     for arch in archs:

@@ -263,9 +263,10 @@ def _build_model(out: Path, spec: dict) -> None:
     )
 
 
-def _is_decode_read(name: str) -> bool:
+def _is_decode_read(name: str, adapter) -> bool:
     """Tensors one decode step reads in full: decoder layers, final norm, lm_head."""
-    return name.startswith(("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head."))
+    text = adapter.layout.text
+    return name.startswith((f"{text}layers.", f"{text}norm.", f"{adapter.layout.lm_head}."))
 
 
 def weight_bytes(model_dir: str | Path, lm_head: bool = False) -> dict:
@@ -298,7 +299,7 @@ def weight_bytes(model_dir: str | Path, lm_head: bool = False) -> dict:
             elif leaf in ("scales", "qzeros"):
                 dense = 0
             qlin_bf16 += dense
-        if _is_decode_read(name):
+        if _is_decode_read(name, adapter):
             decode += nbytes
             decode_bf16 += dense
     return {

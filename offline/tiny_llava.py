@@ -37,6 +37,8 @@ import math
 import random
 from pathlib import Path
 
+from .adapters import llava15_prompt
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 UNK, BOS, EOS, PAD, IMAGE = range(5)
 
@@ -378,8 +380,5 @@ def tiny_prompts(n: int, image_size: int = 64, seed: int = 0):
     return out
 
 
-def llava_prompt(question: str) -> str:
-    """llava-1.5 chat prompt with exactly one ``<image>`` placeholder, for
-    ``LLM.generate({"prompt": llava_prompt(q), "multi_modal_data": {"image": img}})``."""
-    return f"USER: <image>\n{question} ASSISTANT:"
+llava_prompt = llava15_prompt  # the tiny model's chat template renders the same text
 

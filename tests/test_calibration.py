@@ -403,3 +403,44 @@ def test_build_model_inputs_prompt_fn(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert build_model_inputs([], processor) == []
+
+
+# A text LLM's template (string content only), as a LLaVA assembled from that LLM keeps it.
+STRING_ONLY_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def test_string_only_chat_template_gets_the_placeholder_in_the_string(tiny):
+    """A template that concatenates ``message['content']`` as a string used to die inside jinja with
+    ``TypeError: can only concatenate str (not "list") to str``; calibration renders the image
+    placeholder into the string instead, and the processor expands it."""
+    import copy
+
+    from qvlm_offline.calibration import format_prompt
+
+    _, processor = tiny
+    p = copy.copy(processor)
+    p.chat_template = STRING_ONLY_TEMPLATE
+    with pytest.raises(TypeError, match="concatenate"):  # the failure mode, as the template behaves
+        p.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False)
+    text = format_prompt((("What shape is in the image?", "circle"),), has_image=True, processor=p)
+    assert text == "<|user|><image>\nWhat shape is in the image?\n<|assistant|>circle\n"
+    s = CalibrationSample(Image.new("RGB", (64, 64)), text, (("What shape is in the image?", "circle"),), "t")
+    ids = build_model_inputs([s], p)[0]["input_ids"]
+    from qvlm_offline.tiny_llava import IMAGE
+
+    assert int((ids == IMAGE).sum()) == (IMAGE_SIZE // PATCH) ** 2
+
+
+def test_broken_chat_template_is_one_clear_error(tiny):
+    import copy
+
+    from qvlm_offline.calibration import format_prompt
+
+    _, processor = tiny
+    p = copy.copy(processor)
+    p.chat_template = "{{ messages[0]['content'] + 1 }}"
+    with pytest.raises(CalibrationError, match="renders neither list content .* nor string content"):
+        format_prompt((("What?", None),), has_image=True, processor=p)

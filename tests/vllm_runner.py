@@ -18,7 +18,8 @@ from pathlib import Path
 def run_jobs(jobs: list[dict], workdir: Path, timeout: int = 900, env: dict | None = None) -> list[dict]:
     """``jobs``: dicts with ``model`` and optional ``quantization``, ``n_prompts``, ``max_tokens``,
     ``logprobs``, ``tensor_parallel_size``, ``dtype``, ``enforce_eager`` (default True: no
-    torch.compile warm-up), ``kernel`` (a backend name forced through ``QVLM_KERNEL``)."""
+    torch.compile warm-up), ``kernel`` (a backend name forced through ``QVLM_KERNEL``), ``prompts``
+    (texts for ``tiny_prompts``' images, default their llava-1.5 prompts)."""
     workdir.mkdir(parents=True, exist_ok=True)
     jobs_file, out_file = workdir / "jobs.json", workdir / "results.json"
     jobs_file.write_text(json.dumps(jobs))
@@ -51,7 +52,9 @@ def _run(job: dict) -> dict:
               enforce_eager=job.get("enforce_eager", True), max_model_len=512, max_num_seqs=job.get("max_num_seqs", max(n, 1)), limit_mm_per_prompt={"image": 1},
               distributed_executor_backend="uni" if tp == 1 else "mp", tensor_parallel_size=tp, seed=0)
     t1 = time.perf_counter()
-    requests = [{"prompt": llava_prompt(q), "multi_modal_data": {"image": img}} for img, q in tiny_prompts(n)]
+    # "prompts": the model's own chat-formatted texts for tiny_prompts' questions (other families)
+    texts = job.get("prompts") or [llava_prompt(q) for _, q in tiny_prompts(n)]
+    requests = [{"prompt": t, "multi_modal_data": {"image": img}} for t, (img, _) in zip(texts, tiny_prompts(n))]
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8), logprobs=job.get("logprobs", 5),
                             ignore_eos=True)
     outs = llm.generate(requests, params, use_tqdm=False)

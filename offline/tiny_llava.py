@@ -170,6 +170,9 @@ def _init_weights(model, seed: int, text_std: float, vision_std: float, lm_head_
                 p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
+TEXT_MODELS = ("llama", "mistral", "qwen2")  # text models a tiny LLaVA can be assembled from
+
+
 def build_tiny_llava(
     out_dir,
     *,
@@ -191,6 +194,9 @@ def build_tiny_llava(
     vision_std: float = 0.05,
     lm_head_std: float = 0.06,
     lm_head_row_sigma: float = 1.0,
+    text_model: str = "llama",
+    vision_model: str = "clip",
+    chat_template: str | None = None,
 ) -> Path:
     """Build a random-weight LLaVA and write a complete model directory to ``out_dir``.
 
@@ -201,7 +207,11 @@ def build_tiny_llava(
     ``lm_head_std`` scales the logits and ``lm_head_row_sigma`` (log-normal spread of the
     ``lm_head`` row norms) makes the next-token distributions peaked: with the defaults the
     median top-1/top-2 logit gap over greedy steps is a few nats.  ``extra_words`` are added
-    to the tokenizer's vocabulary.  Returns ``Path(out_dir)``.
+    to the tokenizer's vocabulary.  ``text_model``: ``llama``, ``mistral`` or ``qwen2`` (q/k/v
+    biases) — a LLaVA assembled from that LLM; ``vision_model``: ``clip`` (a CLS token, features
+    from the second-to-last layer without it) or ``siglip`` (no CLS token: every patch, no
+    pooling head). ``chat_template`` replaces the llava-1.5 template (e.g. a text LLM's
+    string-only one). Returns ``Path(out_dir)``.
     """
     import torch
     from safetensors.torch import save_file
@@ -237,7 +247,21 @@ def build_tiny_llava(
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
-    text_config = LlamaConfig(
+    from transformers import MistralConfig, Qwen2Config
+
+    if text_model not in TEXT_MODELS or vision_model not in ("clip", "siglip"):
+        raise ValueError(f"text_model must be one of {TEXT_MODELS} and vision_model clip or siglip")
+    if vision_model == "siglip":
+        from transformers import SiglipImageProcessor, SiglipVisionConfig
+
+        vision_config = SiglipVisionConfig(
+            hidden_size=vision_hidden, intermediate_size=vision_intermediate, num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size,
+            vision_use_head=False, layer_norm_eps=1e-6,
+        )
+    extra_text = {"sliding_window": None} if text_model == "mistral" else {}
+    text_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text_model]
+    text_config = text_cls(**extra_text,
         vocab_size=len(vocab),
         hidden_size=text_hidden,
         intermediate_size=text_intermediate,
@@ -258,7 +282,7 @@ def build_tiny_llava(
         image_token_index=IMAGE,
         image_seq_length=n_patches,
         projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy="default" if vision_model == "clip" else "full",
         vision_feature_layer=-2,
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
@@ -282,7 +306,13 @@ def build_tiny_llava(
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=False
     ).save_pretrained(out)
 
-    image_processor = CLIPImageProcessor(
+    template = chat_template or CHAT_TEMPLATE
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    image_processor = SiglipImageProcessor(
+        do_resize=True, size={"height": image_size, "width": image_size}, do_rescale=True, do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True,
+    ) if vision_model == "siglip" else CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": image_size},
         do_center_crop=True,
@@ -297,10 +327,10 @@ def build_tiny_llava(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default" if vision_model == "clip" else "full",
+        num_additional_image_tokens=1 if vision_model == "clip" else 0,
         image_token="<image>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
     )
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -314,7 +344,7 @@ def build_tiny_llava(
 
     readme = (
         "Tiny random-weight LLaVA built offline by qvlm_offline.tiny_llava.build_tiny_llava "
-        f"(seed={seed}). For tests and demos only: its answers are meaningless.\n"
+        f"(text {text_model}, vision {vision_model}, seed={seed}). For tests and demos only: its answers are meaningless.\n"
     )
     (out / "README.md").write_text(readme)
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,10 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
     if opts.format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {opts.format!r}")
     _, _, adapter = read_source(src)
+    if not adapter.family.verified:
+        warnings.warn(f"{src}: {adapter.family.name} ({adapter.family.model_class}) has an adapter but is not yet "
+                      "verified end to end by this version's tests; check the output with `qvlm compare`",
+                      stacklevel=2)
     qcfg = build_quant_config(opts.scheme, opts.group_size, opts.symmetric, opts.quantize_vision,
                               opts.quantize_lm_head, producer={}, adapter=adapter)
     export = export_checkpoint

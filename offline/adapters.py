@@ -170,8 +170,10 @@ FAMILIES: tuple[Family, ...] = (
            _LLAVA_VISION, "multi_modal_projector.", verified=True),
     Family("llava-next", ("LlavaNextForConditionalGeneration",), "LlavaNextForConditionalGeneration",
            _llava_layouts(), _LLAVA_VISION, "multi_modal_projector."),
+    # vLLM 0.32 builds OneVision's projector from plain nn.Linear (no quantization config reaches it)
     Family("llava-onevision", ("LlavaOnevisionForConditionalGeneration",), "LlavaOnevisionForConditionalGeneration",
-           _llava_layouts(), _LLAVA_VISION, "multi_modal_projector."),
+           _llava_layouts(), _LLAVA_VISION, "multi_modal_projector.", quantize_vision_ok=False,
+           vision_kind="SigLIP tower + a projector vLLM does not quantize"),
     Family("qwen2-vl", ("Qwen2VLForConditionalGeneration",), "Qwen2VLForConditionalGeneration",
            _qwen_vl_layouts(), r"visual\.merger\.mlp\.[02]", "visual.merger.", quantize_vision_ok=False,
            vision_kind="Qwen2-VL vision transformer + merger"),

@@ -104,7 +104,9 @@ def test_unsupported_text_model_and_layout_are_named(tmp_path):
 def test_qwen2_vl_vision_quantization_is_refused_clearly():
     with pytest.raises(UnsupportedModelError, match="--quantize-vision: the qwen2-vl vision side"):
         adapter_of("Qwen2VLForConditionalGeneration").check_quantize_vision(True)
-    adapter_of("LlavaOnevisionForConditionalGeneration").check_quantize_vision(True)
+    with pytest.raises(UnsupportedModelError, match="a projector vLLM does not quantize"):
+        adapter_of("LlavaOnevisionForConditionalGeneration").check_quantize_vision(True)
+    adapter_of("LlavaNextForConditionalGeneration").check_quantize_vision(True)
 
 
 def test_cli_reports_an_unsupported_model_in_one_line(tmp_path, capsys):

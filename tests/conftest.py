@@ -1,8 +1,11 @@
 import os
 import socket
 
-import pytest
-import torch
+# Before torch: the same float32 GEMM rounds the same way under CPU load (see qvlm_offline/__init__.py).
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Offline everywhere: no hub, no telemetry. Triton kernels run in the interpreter without a GPU.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

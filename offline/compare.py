@@ -62,8 +62,31 @@ def _measure(job: dict) -> dict:
         reqs = [{"prompt_token_ids": ids, "multi_modal_data": {"image": images[i]}} for i, ids in positions]
         outs = llm.generate(reqs, SamplingParams(temperature=0.0, max_tokens=1, logprobs=job["k"]), use_tqdm=False)
         dists = [{str(t): lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in outs]
-    return {"answers": answers, "dists": dists, "positions": positions, "seconds": time.perf_counter() - t0,
-            "reference": [ex.answer for ex in examples]}
+    seconds = time.perf_counter() - t0
+    return {"answers": answers, "dists": dists, "positions": positions, "seconds": seconds,
+            "reference": [ex.answer for ex in examples], "decode": _decode_speed(llm, prompts[0], job)}
+
+
+def _decode_speed(llm, prompt: dict, job: dict) -> dict | None:
+    """Batch-1 greedy decode speed on the first question (``decode_tokens`` new tokens, EOS
+    ignored, best of ``decode_repeats`` after one warm-up): tokens per second after the first."""
+    n = job.get("decode_tokens")
+    if not n:
+        return None
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    best = math.inf
+    for _ in range(job.get("decode_repeats", 3)):
+        t0 = time.perf_counter()
+        llm.generate([prompt], one, use_tqdm=False)
+        t1 = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        t2 = time.perf_counter()
+        best = min(best, (t2 - t1) - (t1 - t0))  # the prompt's share subtracted
+    return {"tokens": n, "tokens_per_s": (n - 1) / best if best > 0 else None}
 
 
 def answer_positions(answers: list[dict], answer_tokens: int) -> list[tuple[int, list[int]]]:
@@ -123,13 +146,19 @@ def _measure_cached(job: dict, workdir: Path, name: str, threads: int, timeout: 
 
 def run_compare(fp_model: Path, models: list[Path], *, questions: int = 200, offset: int = 0, answer_tokens: int = 4,
                 k_fp: int = 20, k_q: int = 100, dtype: str = "float32", workdir: Path = Path("qvlm-compare"),
-                threads: int | None = None, max_model_len: int = 1024, timeout: int = 3600, say=print) -> dict:
+                threads: int | None = None, max_model_len: int = 1024, timeout: int = 3600,
+                decode_tokens: int = 0, say=print) -> dict:
+    """Float model first (its answers fix the positions), then each model. Per model: the
+    summary of :func:`summarize`, its greedy answers, and with ``decode_tokens`` its batch-1
+    decode speed; ``reference`` holds the easy-VQA answers."""
     import os
 
     threads = threads or len(os.sched_getaffinity(0))
     workdir.mkdir(parents=True, exist_ok=True)
     base = {"questions": questions, "offset": offset, "answer_tokens": answer_tokens, "dtype": dtype,
             "max_model_len": max_model_len}
+    if decode_tokens:
+        base["decode_tokens"] = decode_tokens
     say(f"[compare] float model {fp_model}: greedy answers and next-token distributions along them")
     fp = _measure_cached({**base, "model": str(fp_model), "k": k_q, "positions": "own"}, workdir, "fp",
                          threads, timeout)
@@ -140,16 +169,27 @@ def run_compare(fp_model: Path, models: list[Path], *, questions: int = 200, off
         runs[str(m)] = _measure_cached({**base, "model": str(m), "k": k_q, "positions": positions}, workdir,
                                        m.name, threads, timeout)
     fp_acc = summarize(fp, fp, k_fp)["accuracy"]
-    results = {name: summarize(fp, r, k_fp) | {"seconds": r["seconds"]} for name, r in runs.items()}
+    results = {name: summarize(fp, r, k_fp) | {"seconds": r["seconds"], "decode": r.get("decode"),
+                                                "answers": [a["text"] for a in r["answers"]]}
+               for name, r in runs.items()}
     return {"float_model": str(fp_model), "float_accuracy": fp_acc, "settings": base | {"k_fp": k_fp, "k_q": k_q},
-            "models": results}
+            "float_answers": [a["text"] for a in fp["answers"]], "float_decode": fp.get("decode"),
+            "reference": fp["reference"], "models": results}
 
 
 def format_table(res: dict) -> str:
-    lines = [f"float model {res['float_model']}: easy-VQA accuracy {100 * res['float_accuracy']:.1f}%",
-             "| model | KL(fp‖q) | top-1 agreement | accuracy |", "|---|---|---|---|"]
+    speed = res.get("float_decode") is not None
+
+    def tok_s(d):
+        return f" {d['tokens_per_s']:.1f} |" if d and d.get("tokens_per_s") else " - |"
+
+    lines = [f"float model {res['float_model']}: easy-VQA accuracy {100 * res['float_accuracy']:.1f}%"
+             + (f", batch-1 decode {res['float_decode']['tokens_per_s']:.1f} tok/s" if speed else ""),
+             "| model | KL(fp‖q) | top-1 agreement | accuracy |" + (" decode tok/s |" if speed else ""),
+             "|---|---|---|---|" + ("---|" if speed else "")]
     for name, r in res["models"].items():
-        lines.append(f"| {name} | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% | {100 * r['accuracy']:.1f}% |")
+        lines.append(f"| {name} | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% | {100 * r['accuracy']:.1f}% |"
+                     + (tok_s(r.get("decode")) if speed else ""))
     return "\n".join(lines)
 
 
@@ -173,6 +213,8 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                    help="logs and cached per-model results go here; a model whose directory is unchanged is not "
                    "re-run (default: ./qvlm-compare)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per vLLM process (default: all CPUs)")
+    p.add_argument("--decode-tokens", type=int, default=0,
+                   help="also measure each model's batch-1 decode speed over this many new tokens (default: 0, off)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_compare)
     return p
@@ -181,7 +223,7 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
 def cmd_compare(args: argparse.Namespace) -> int:
     res = run_compare(args.float_model, args.models, questions=args.questions, offset=args.offset,
                       answer_tokens=args.answer_tokens, k_fp=args.k_fp, k_q=args.k_q, dtype=args.dtype,
-                      workdir=args.workdir, threads=args.threads, say=lambda m: print(m, file=sys.stderr))
+                      workdir=args.workdir, threads=args.threads, decode_tokens=args.decode_tokens, say=lambda m: print(m, file=sys.stderr))
     print(format_table(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

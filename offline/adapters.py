@@ -12,6 +12,9 @@ family a :class:`Family` says:
 * where the vision side lives on disk (tower, projector/merger, ``image_newline``), which
   of its linears ``--quantize-vision`` may quantize, and the visual-stage module (the
   projector the search may tune);
+* which processor outputs run along the tokens besides ``input_ids`` (Qwen2-VL's
+  ``mm_token_type_ids``, the source of its M-RoPE positions), so tokens can be appended
+  to a processed prompt (:meth:`ModelAdapter.append_text_tokens`, for teacher forcing);
 * the decoder layer: its linears, which of them read the same input (q/k/v; gate/up)
   and the norm or linear that produces that input (for smoothing folds). Every
   supported text model (Llama, Mistral, Qwen2, Qwen2-VL's text model) has the same
@@ -125,8 +128,11 @@ class Family:
     projector: str  # visual-stage module: hub prefix (layout's first vision-side naming, no "model.")
     quantize_vision_ok: bool = True  # --quantize-vision supported (CLIP/SigLIP towers)
     vision_kind: str = "CLIP/SigLIP tower + projector"
-    # quantized and served end to end by the tests (tests/test_families.py); the others have
-    # their names and layouts here but no tiny checkpoint in the tests yet
+    # processor outputs besides input_ids that run along the token axis, with the value a
+    # text token takes in them (for appending tokens: see ModelAdapter.append_text_tokens)
+    token_inputs: tuple[tuple[str, int], ...] = (("attention_mask", 1),)
+    # quantized and served end to end by the tests (tests/test_families.py: vLLM with the
+    # plugin against transformers on the dequantized weights); the others warn at quantize
     verified: bool = False
 
 
@@ -165,21 +171,26 @@ def _qwen_vl_layouts() -> tuple[HubLayout, ...]:
 _LLAVA_VISION = (r"(vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
                  r"|multi_modal_projector\.linear_[12])")
 
+# Qwen2-VL's processor marks each token as text (0), image (1) or video (2) in mm_token_type_ids,
+# from which transformers computes the M-RoPE positions (get_rope_index): a sequence extended
+# without extending it fails there (an IndexError on the mask shape).
+_QWEN_VL_TOKEN_INPUTS = (("attention_mask", 1), ("mm_token_type_ids", 0))
+
 FAMILIES: tuple[Family, ...] = (
     Family("llava", ("LlavaForConditionalGeneration",), "LlavaForConditionalGeneration", _llava_layouts(),
            _LLAVA_VISION, "multi_modal_projector.", verified=True),
     Family("llava-next", ("LlavaNextForConditionalGeneration",), "LlavaNextForConditionalGeneration",
-           _llava_layouts(), _LLAVA_VISION, "multi_modal_projector."),
+           _llava_layouts(), _LLAVA_VISION, "multi_modal_projector.", verified=True),
     # vLLM 0.32 builds OneVision's projector from plain nn.Linear (no quantization config reaches it)
     Family("llava-onevision", ("LlavaOnevisionForConditionalGeneration",), "LlavaOnevisionForConditionalGeneration",
            _llava_layouts(), _LLAVA_VISION, "multi_modal_projector.", quantize_vision_ok=False,
-           vision_kind="SigLIP tower + a projector vLLM does not quantize"),
+           vision_kind="SigLIP tower + a projector vLLM does not quantize", verified=True),
     Family("qwen2-vl", ("Qwen2VLForConditionalGeneration",), "Qwen2VLForConditionalGeneration",
            _qwen_vl_layouts(), r"visual\.merger\.mlp\.[02]", "visual.merger.", quantize_vision_ok=False,
-           vision_kind="Qwen2-VL vision transformer + merger"),
+           vision_kind="Qwen2-VL vision transformer + merger", token_inputs=_QWEN_VL_TOKEN_INPUTS, verified=True),
     Family("qwen2.5-vl", ("Qwen2_5_VLForConditionalGeneration",), "Qwen2_5_VLForConditionalGeneration",
            _qwen_vl_layouts(), r"visual\.merger\.mlp\.[02]", "visual.merger.", quantize_vision_ok=False,
-           vision_kind="Qwen2.5-VL vision transformer + merger"),
+           vision_kind="Qwen2.5-VL vision transformer + merger", token_inputs=_QWEN_VL_TOKEN_INPUTS, verified=True),
 )
 
 _BY_ARCH = {arch: fam for fam in FAMILIES for arch in fam.architectures}
@@ -282,6 +293,32 @@ class ModelAdapter:
             if transformers_name.startswith(new):
                 return old + transformers_name[len(new):]
         return transformers_name
+
+    def append_text_tokens(self, inputs: dict, tokens) -> dict:
+        """``inputs`` (one sequence from the family's processor) with text ``tokens`` appended:
+        ``input_ids`` and every per-token processor output of the family extended (a
+        teacher-forced forward over prompt + answer sees the positions generation saw; for
+        Qwen2-VL the M-RoPE positions of the appended tokens continue as text). A per-token
+        output this family does not name is refused rather than left short."""
+        import torch
+
+        ids = inputs["input_ids"]
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(f"append_text_tokens: one sequence expected, input_ids has shape {tuple(ids.shape)}")
+        new = torch.as_tensor(list(tokens), dtype=ids.dtype).reshape(1, -1)
+        fill = dict(self.family.token_inputs)
+        out = dict(inputs)
+        out["input_ids"] = torch.cat([ids, new], dim=1)
+        for key, value in inputs.items():
+            if key == "input_ids" or not isinstance(value, torch.Tensor):
+                continue
+            if key in fill:
+                out[key] = torch.cat([value, value.new_full(new.shape, fill[key])], dim=1)
+            elif value.shape == ids.shape:
+                raise UnsupportedModelError(
+                    f"{self.family.name}: processor output {key!r} runs along the tokens (shape "
+                    f"{tuple(value.shape)}) and the adapter does not say how to extend it")
+        return out
 
     def model_class(self):
         import transformers

@@ -58,7 +58,8 @@ def write_fake_llava(
 
 
 def dequantized_llava(src, qdir):
-    """transformers float32 LLaVA running what ``qdir`` stores: every quantized linear carries its
+    """transformers float32 model of ``src``'s family (its adapter's class and names: LLaVA,
+    LLaVA-NeXT, OneVision, Qwen2-VL, Qwen2.5-VL) running what ``qdir`` stores: every quantized linear carries its
     dequantized codes (int-activation schemes also fake-quantize its input per token), and every
     float tensor comes from ``qdir`` too (searches may rewrite norms)."""
     from qvlm_kernels import reference

@@ -117,3 +117,43 @@ def test_cli_reports_an_unsupported_model_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("qvlm quantize: error: ") and "PaliGemmaForConditionalGeneration" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_appended_tokens_see_the_positions_generation_saw(tmp_path):
+    """Teacher forcing over prompt + generated tokens: Qwen2-VL's per-token ``mm_token_type_ids``
+    (its M-RoPE positions) extended as text, the same log-probabilities as ``generate``."""
+    import torch
+    from transformers import AutoProcessor
+
+    from qvlm_offline.tiny_families import build_tiny_family, family_prompt
+    from qvlm_offline.tiny_llava import tiny_prompts
+
+    src = build_tiny_family(tmp_path / "q", "qwen2_vl")
+    ad = adapter_for(src)
+    model = ad.model_class().from_pretrained(src, dtype=torch.float32).eval()
+    (image, question), = tiny_prompts(1)
+    inputs = AutoProcessor.from_pretrained(src)(images=[image], text=family_prompt("qwen2_vl", question),
+                                                return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        tokens = gen.sequences[0, n:].tolist()
+        full = ad.append_text_tokens(inputs, tokens)
+        assert full["mm_token_type_ids"][0, n:].tolist() == [0] * 4 and full["attention_mask"].shape == (1, n + 4)
+        logits = model(**full).logits[0, n - 1: n + 3]
+    for step, (tf_logits, gen_logits) in enumerate(zip(logits, gen.logits)):
+        diff = (torch.log_softmax(tf_logits, -1) - torch.log_softmax(gen_logits[0], -1)).abs().max().item()
+        assert diff < 1e-4, (step, diff)
+
+
+def test_an_unknown_per_token_processor_output_is_refused():
+    import torch
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    ad = adapter_of("LlavaForConditionalGeneration")
+    out = ad.append_text_tokens({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                 "pixel_values": torch.zeros(1, 3, 4, 4)}, [1, 2])
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2]] and out["attention_mask"].tolist() == [[1] * 7]
+    with pytest.raises(UnsupportedModelError, match="'token_type_ids' runs along the tokens"):
+        ad.append_text_tokens({"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, [1])

@@ -19,7 +19,9 @@ def run_jobs(jobs: list[dict], workdir: Path, timeout: int = 900, env: dict | No
     """``jobs``: dicts with ``model`` and optional ``quantization``, ``n_prompts``, ``max_tokens``,
     ``logprobs``, ``tensor_parallel_size``, ``dtype``, ``enforce_eager`` (default True: no
     torch.compile warm-up), ``kernel`` (a backend name forced through ``QVLM_KERNEL``), ``prompts``
-    (texts for ``tiny_prompts``' images, default their llava-1.5 prompts)."""
+    (texts for ``tiny_prompts``' images, default their llava-1.5 prompts), ``qvlm_layers`` (True:
+    the result's ``qvlm_layers`` maps each vLLM layer running the qvlm linear method to its
+    ``[K, N]``; one process only, tensor_parallel_size 1)."""
     workdir.mkdir(parents=True, exist_ok=True)
     jobs_file, out_file = workdir / "jobs.json", workdir / "results.json"
     jobs_file.write_text(json.dumps(jobs))
@@ -52,6 +54,7 @@ def _run(job: dict) -> dict:
               enforce_eager=job.get("enforce_eager", True), max_model_len=512, max_num_seqs=job.get("max_num_seqs", max(n, 1)), limit_mm_per_prompt={"image": 1},
               distributed_executor_backend="uni" if tp == 1 else "mp", tensor_parallel_size=tp, seed=0)
     t1 = time.perf_counter()
+    qvlm_layers = llm.apply_model(_qvlm_layers)[0] if job.get("qvlm_layers") else None
     # "prompts": the model's own chat-formatted texts for tiny_prompts' questions (other families)
     texts = job.get("prompts") or [llava_prompt(q) for _, q in tiny_prompts(n)]
     requests = [{"prompt": t, "multi_modal_data": {"image": img}} for t, (img, _) in zip(texts, tiny_prompts(n))]
@@ -62,6 +65,7 @@ def _run(job: dict) -> dict:
     result = {
         "job": job, "load_s": t1 - t0, "generate_s": t2 - t1,
         "qvlm_plugin_loaded": "vllm_qvlm" in sys.modules,
+        "qvlm_layers": qvlm_layers,
         "outputs": [
             {
                 "prompt_token_ids": list(o.prompt_token_ids),
@@ -75,6 +79,15 @@ def _run(job: dict) -> dict:
     del llm
     gc.collect()
     return result
+
+
+def _qvlm_layers(model) -> dict[str, list[int]]:
+    """vLLM module name -> [K, N] of every layer the qvlm linear method runs (fused layers: the
+    sum of their shards' N)."""
+    from vllm_qvlm.linear import QVLMLinearMethod
+
+    return {name: list(m.qvlm_in_out) for name, m in model.named_modules()
+            if isinstance(getattr(m, "quant_method", None), QVLMLinearMethod)}
 
 
 if __name__ == "__main__":

@@ -170,11 +170,18 @@ def run_compare(fp_model: Path, models: list[Path], *, questions: int = 200, off
                                        m.name, threads, timeout)
     fp_acc = summarize(fp, fp, k_fp)["accuracy"]
     results = {name: summarize(fp, r, k_fp) | {"seconds": r["seconds"], "decode": r.get("decode"),
-                                                "answers": [a["text"] for a in r["answers"]]}
+                                                "answers": [a["text"] for a in r["answers"]],
+                                                "max_token_id": _max_token_id(r)}
                for name, r in runs.items()}
     return {"float_model": str(fp_model), "float_accuracy": fp_acc, "settings": base | {"k_fp": k_fp, "k_q": k_q},
             "float_answers": [a["text"] for a in fp["answers"]], "float_decode": fp.get("decode"),
+            "float_max_token_id": _max_token_id(fp),
             "reference": fp["reference"], "models": results}
+
+
+def _max_token_id(run: dict) -> int:
+    """The largest token id a model generated (an image token or vocabulary padding means a broken model)."""
+    return max((max(a["token_ids"], default=-1) for a in run["answers"]), default=-1)
 
 
 def format_table(res: dict) -> str:

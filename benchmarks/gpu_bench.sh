@@ -117,7 +117,7 @@ BENCH_RC=${PIPESTATUS[0]}
 [ -d "$WORKDIR/logs" ] && tar czf "$OUT_DIR/child-logs.tar.gz" -C "$WORKDIR" logs
 if [ ! -f "$OUT_DIR/bench.json" ] && [ -f "$OUT_DIR/bench.partial.json" ]; then
   echo "== the bench stopped early (exit $BENCH_RC); the rows it measured:"
-  "$PY" -c "import json, sys; from qvlm_offline.bench import format_table; \
+  "$PY" -c "import json, sys; from qvlm_offline.tools.bench import format_table; \
 print(format_table(json.load(open(sys.argv[1]))))" "$OUT_DIR/bench.partial.json"
 fi
 echo "== Triton tests: $TESTS; bench exit $BENCH_RC; files in $OUT_DIR:"

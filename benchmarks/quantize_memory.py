@@ -35,7 +35,7 @@ def run_child(args: list[str]) -> int:
 
 def measure(layers: int, scheme: str, workdir: Path) -> dict:
     src, out = workdir / "src", workdir / "out"
-    run_child([sys.executable, "-c", f"from qvlm_offline.synthetic import write_random_llava as w; w({str(src)!r}, layers={layers})"])
+    run_child([sys.executable, "-c", f"from qvlm_offline.testmodels.synthetic import write_random_llava as w; w({str(src)!r}, layers={layers})"])
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     t0 = time.perf_counter()
     peak = run_child(

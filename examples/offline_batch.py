@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from qvlm_offline.evaluate import QUANTIZATION_CHOICES, offline_engine_env, resolve_quantization
+from qvlm_offline.tools.evaluate import QUANTIZATION_CHOICES, offline_engine_env, resolve_quantization
 from qvlm_offline.vqa_data import is_correct, load_test_examples, vqa_prompt
 
 

@@ -48,7 +48,7 @@ else
     if [[ ! -f "$SRC/config.json" ]]; then
         echo "serve.sh: building a tiny random-weight LLaVA in $SRC"
         uv run --project "$REPO" python -c \
-            "import sys; from qvlm_offline.tiny_llava import build_tiny_llava; build_tiny_llava(sys.argv[1])" "$SRC"
+            "import sys; from qvlm_offline.testmodels.tiny_llava import build_tiny_llava; build_tiny_llava(sys.argv[1])" "$SRC"
     fi
     if [[ ! -f "$MODEL/config.json" ]]; then
         echo "serve.sh: quantizing $SRC -> $MODEL (w4a16)"

@@ -9,18 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from qvlm_kernels.errors import QVLMError
 from qvlm_kernels.format import SCHEMES
 
-from .bench_cli import add_bench_parser
+from .tools.bench_cli import add_bench_parser
 from .calibration import add_calibration_args
 from .adapters import supported_architectures
-from .compare import add_compare_parser
-from .evaluate import add_eval_parser
-from .smol_llava import add_build_model_parser
+from .tools.compare import add_compare_parser
+from .tools.evaluate import add_eval_parser
+from .testmodels.smol_llava import add_build_model_parser
 
 
 def _offline_env() -> None:
@@ -102,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo, run_quick_demo
+    from .tools.demo import DemoOptions, run_demo, run_quick_demo
 
     if args.quick:
         return run_quick_demo(args.workdir, scheme=args.scheme, quantize_vision=args.quantize_vision,

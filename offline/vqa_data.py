@@ -99,9 +99,9 @@ def vqa_question(question: str, short_answer: bool = True) -> str:
 def vqa_prompt(question: str, short_answer: bool = True) -> str:
     """llava-1.5 prompt with one ``<image>`` placeholder:
     ``"USER: <image>\\n{question}\\n{instruction} ASSISTANT:"``."""
-    from .tiny_llava import llava_prompt
+    from .adapters import llava15_prompt
 
-    return llava_prompt(vqa_question(question, short_answer))
+    return llava15_prompt(vqa_question(question, short_answer))
 
 
 def normalize_answer(text: str) -> str:

@@ -11,7 +11,7 @@ from qvlm_offline.adapters import (
     adapter_of,
     supported_architectures,
 )
-from qvlm_offline.tiny_llava import build_tiny_llava
+from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 
 
 def _fake_checkpoint(tmp_path, config, names):
@@ -125,8 +125,8 @@ def test_appended_tokens_see_the_positions_generation_saw(tmp_path):
     import torch
     from transformers import AutoProcessor
 
-    from qvlm_offline.tiny_families import build_tiny_family, family_prompt
-    from qvlm_offline.tiny_llava import tiny_prompts
+    from qvlm_offline.testmodels.tiny_families import build_tiny_family, family_prompt
+    from qvlm_offline.testmodels.tiny_llava import tiny_prompts
 
     src = build_tiny_family(tmp_path / "q", "qwen2_vl")
     ad = adapter_for(src)

@@ -1,4 +1,4 @@
-"""The benchmark (``qvlm_offline.bench``): a smoke run of the tiny model (one scheme, one batch size, in
+"""The benchmark (``qvlm_offline.tools.bench``): a smoke run of the tiny model (one scheme, one batch size, in
 vLLM on CPU), and its planning for a CUDA machine (pure functions, and the whole orchestration with
 fake child processes), which runs here without a GPU."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qvlm_offline.bench import run_bench
+from qvlm_offline.tools.bench import run_bench
 
 
 
@@ -70,7 +70,7 @@ def test_bench_tiny_smoke(tmp_path):
 def test_bench_compile_flag_reaches_run_bench(argv, want):
     import argparse
 
-    from qvlm_offline.bench import add_bench_args, bench_kwargs
+    from qvlm_offline.tools.bench import add_bench_args, bench_kwargs
 
     p = argparse.ArgumentParser()
     add_bench_args(p)
@@ -79,7 +79,7 @@ def test_bench_compile_flag_reaches_run_bench(argv, want):
 
 # ----------------------------------------------------------------------------- CUDA planning (no GPU needed)
 
-from qvlm_offline import bench as B  # noqa: E402
+from qvlm_offline.tools import bench as B  # noqa: E402
 
 
 def test_resolve_device():
@@ -232,7 +232,7 @@ def _fake_children(tmp_path, fail: str):
                "decode_step_bytes_bf16": 5 << 20, "files_bytes": 4 << 20}
     calls = []
 
-    def run_child(task, job, workdir, name, threads, timeout, module="qvlm_offline.bench", device="cpu"):
+    def run_child(task, job, workdir, name, threads, timeout, module="qvlm_offline.tools.bench", device="cpu"):
         calls.append((task, name, threads, device, job))
         log = workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +323,7 @@ def test_cuda_bench_json_and_table(tmp_path, monkeypatch):
 
 def test_cpu_bench_still_raises_on_a_failed_child(tmp_path, monkeypatch):
     """On CPU a failing child stops the run, as before (only CUDA rows turn failures into rows)."""
-    def run_child(task, job, workdir, name, threads, timeout, module="qvlm_offline.bench", device="cpu"):
+    def run_child(task, job, workdir, name, threads, timeout, module="qvlm_offline.tools.bench", device="cpu"):
         assert device == "cpu" and threads >= 1
         raise RuntimeError("child failed")
 

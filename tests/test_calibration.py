@@ -332,7 +332,7 @@ IMAGE_SIZE, PATCH = 64, 16
 def tiny(tmp_path_factory):
     from transformers import AutoProcessor
 
-    from qvlm_offline.tiny_llava import build_tiny_llava
+    from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 
     d = build_tiny_llava(
         tmp_path_factory.mktemp("calib_tiny") / "model", text_hidden=64, text_intermediate=128, text_layers=1,
@@ -346,7 +346,7 @@ def test_build_model_inputs(tiny, tmp_path):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from qvlm_offline.tiny_llava import IMAGE
+    from qvlm_offline.testmodels.tiny_llava import IMAGE
 
     model_dir, processor = tiny
     _png(tmp_path / "wide.png", (200, 30, 30), size=(90, 50))
@@ -429,7 +429,7 @@ def test_string_only_chat_template_gets_the_placeholder_in_the_string(tiny):
     assert text == "<|user|><image>\nWhat shape is in the image?\n<|assistant|>circle\n"
     s = CalibrationSample(Image.new("RGB", (64, 64)), text, (("What shape is in the image?", "circle"),), "t")
     ids = build_model_inputs([s], p)[0]["input_ids"]
-    from qvlm_offline.tiny_llava import IMAGE
+    from qvlm_offline.testmodels.tiny_llava import IMAGE
 
     assert int((ids == IMAGE).sum()) == (IMAGE_SIZE // PATCH) ** 2
 

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from qvlm_offline.compare import _kl_coarse, format_table, run_compare
+from qvlm_offline.tools.compare import _kl_coarse, format_table, run_compare
 from qvlm_offline.export import export_checkpoint
-from qvlm_offline.tiny_llava import build_tiny_llava
+from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 
 
 def _lp(probs: dict) -> dict:
@@ -38,7 +38,7 @@ def test_missing_token_gets_the_smallest_listed_logprob():
 
 
 def test_measurements_are_cached_until_the_model_directory_changes(tmp_path, monkeypatch):
-    import qvlm_offline.compare as compare
+    import qvlm_offline.tools.compare as compare
 
     model = tmp_path / "m"
     model.mkdir()

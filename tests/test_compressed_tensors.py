@@ -86,7 +86,7 @@ def test_ct_config_validates_and_selects_exactly_the_quantized_linears_in_both_r
     from compressed_tensors.utils.match import is_match
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    from qvlm_offline.tiny_llava import build_tiny_llava
+    from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 
     src = build_tiny_llava(tmp_path / "src")
     q, c = tmp_path / "qvlm", tmp_path / "ct"
@@ -211,14 +211,14 @@ def test_help_explains_every_flag(capsys):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from qvlm_offline.tiny_llava import build_tiny_llava
+    from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 
     root = tmp_path_factory.mktemp("ct-tiny")
     return root, {dtype: build_tiny_llava(root / f"src-{dtype}", dtype=dtype) for dtype in ("float16", "bfloat16")}
 
 
 def _hf_logits(model, processor):
-    from qvlm_offline.tiny_llava import llava_prompt, tiny_prompts
+    from qvlm_offline.testmodels.tiny_llava import llava_prompt, tiny_prompts
 
     image, question = tiny_prompts(1)[0]
     inputs = processor(images=image, text=llava_prompt(question), return_tensors="pt")
@@ -285,7 +285,7 @@ NOT_QVLM = {"VLLM_PLUGINS": "qvlm-disabled"}  # vLLM loads only the general plug
 
 @pytest.fixture(scope="module")
 def vllm_ct(tmp_path_factory):
-    from qvlm_offline.tiny_llava import build_tiny_llava
+    from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
     from test_e2e_vllm import N_PROMPTS, N_TOKENS
     from vllm_runner import run_jobs
 

@@ -29,7 +29,7 @@ import torch
 from offline_helpers import dequantized_llava
 from qvlm_kernels.checkpoint import load_quant_config
 from qvlm_offline.export import export_checkpoint
-from qvlm_offline.tiny_llava import build_tiny_llava, llava_prompt, tiny_prompts
+from qvlm_offline.testmodels.tiny_llava import build_tiny_llava, llava_prompt, tiny_prompts
 from vllm_runner import run_jobs
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from qvlm_offline import vqa_data
-from qvlm_offline.evaluate import TASKS, TASKS_DIR, add_eval_parser, parse_tasks, resolve_quantization
+from qvlm_offline.tools.evaluate import TASKS, TASKS_DIR, add_eval_parser, parse_tasks, resolve_quantization
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def quantized_tiny(tmp_path_factory):
     from qvlm_offline.export import export_checkpoint
-    from qvlm_offline.tiny_llava import build_tiny_llava
+    from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 
     root = tmp_path_factory.mktemp("eval")
     src = build_tiny_llava(root / "src")
@@ -187,7 +187,7 @@ def test_offline_batch_example(quantized_tiny, tmp_path):
 
 _EVAL_CHILD = """
 import argparse, gc, json, sys
-from qvlm_offline.evaluate import add_eval_parser
+from qvlm_offline.tools.evaluate import add_eval_parser
 p = argparse.ArgumentParser(prog="qvlm")
 add_eval_parser(p.add_subparsers(dest="command", required=True))
 for argv in json.loads(sys.argv[1]):

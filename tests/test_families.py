@@ -5,7 +5,7 @@ Tiny random checkpoints in the hub layout, each with its real processor: LLaVA a
 a Mistral and from a Qwen2 text model (q/k/v biases kept 16-bit) with CLIP and SigLIP towers,
 widths that are not a multiple of the group size (partial last groups), and a LLaVA that kept
 its text LLM's string-only chat template (calibration renders the placeholder into the
-string). Then the other families of ``qvlm_offline.tiny_families`` (LLaVA-NeXT's anyres tiles,
+string). Then the other families of ``qvlm_offline.testmodels.tiny_families`` (LLaVA-NeXT's anyres tiles,
 LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL with their own vision transformers, M-RoPE and the
 names vLLM gives their modules), every method at w4a16. Every model runs in one vLLM child
 process. Besides the tokens, every quantized module of the checkpoint must run on the qvlm
@@ -26,7 +26,7 @@ from qvlm_kernels.checkpoint import load_quant_config, validate_checkpoint
 from qvlm_offline.adapters import adapter_for
 from qvlm_offline.calibration import format_prompt
 from qvlm_offline.pipeline import QuantizeOptions, quantize
-from qvlm_offline.tiny_llava import build_tiny_llava, tiny_prompts
+from qvlm_offline.testmodels.tiny_llava import build_tiny_llava, tiny_prompts
 from vllm_runner import run_jobs
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ FAMILIES = {
     "llava / qwen2 + siglip": dict(text_model="qwen2", vision_model="siglip", **WIDTHS),
     "llava / llama, string-only template": dict(chat_template=STRING_ONLY_TEMPLATE),
 }
-# Families built by qvlm_offline.tiny_families (their own processors: anyres tiles, SigLIP,
+# Families built by qvlm_offline.testmodels.tiny_families (their own processors: anyres tiles, SigLIP,
 # Qwen2-VL's dynamic resolution and M-RoPE): every method on w4a16.
 OTHER_FAMILIES = {
     "llava-next / mistral + clip": ("llava_next", "mistral", "clip"),
@@ -70,7 +70,7 @@ def _prompts(src):
 def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     models, jobs = {}, []
-    from qvlm_offline.tiny_families import build_tiny_family
+    from qvlm_offline.testmodels.tiny_families import build_tiny_family
 
     builders = {fam: (lambda d, kw=kw: build_tiny_llava(d, **kw)) for fam, kw in FAMILIES.items()}
     builders |= {fam: (lambda d, a=args: build_tiny_family(d, a[0], text=a[1], vision=a[2]))

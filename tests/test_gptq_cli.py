@@ -14,7 +14,7 @@ from qvlm_kernels.checkpoint import load_quant_config, read_tensor, tensor_table
 from qvlm_offline.calibration import build_model_inputs, load_calibration
 from qvlm_offline.cli import main
 from qvlm_offline.pipeline import QuantizeOptions, quantize
-from qvlm_offline.tiny_llava import build_tiny_llava
+from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 
 pytest.importorskip("easy_vqa")
 

@@ -16,7 +16,7 @@ from qvlm_offline.calibration import build_model_inputs, load_calibration
 from qvlm_offline.cli import main
 from qvlm_offline.export import build_quant_config
 from qvlm_offline.qvlm import SearchConfig, qvlm_search
-from qvlm_offline.tiny_llava import build_tiny_llava
+from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 
 pytest.importorskip("easy_vqa")
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 
 from qvlm_offline.export import export_checkpoint
-from qvlm_offline.tiny_llava import build_tiny_llava, tiny_prompts
+from qvlm_offline.testmodels.tiny_llava import build_tiny_llava, tiny_prompts
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")

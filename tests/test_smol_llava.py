@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from qvlm_offline import smol_llava as S
+from qvlm_offline.testmodels import smol_llava as S
 from qvlm_offline.cli import build_parser, main
 
 N_VQA = 24
@@ -92,7 +92,7 @@ def test_demo_answers_images_in_vllm_float_and_searched(smol_dir, tmp_path):
     questions with images in bf16 and after the Q-VLM search to w4a16; with the shipped trained
     vision side most first words are right (0.59 on 300 test questions in bf16; a random
     vision side scores 0); the searched model stays close to the float one."""
-    from qvlm_offline.demo import DemoOptions, run_demo
+    from qvlm_offline.tools.demo import DemoOptions, run_demo
 
     (tmp_path / "smol-llava").symlink_to(smol_dir)  # the demo reuses a built smol-llava
     said = []

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from qvlm_offline.export import export_checkpoint
-from qvlm_offline.tiny_llava import build_tiny_llava
+from qvlm_offline.testmodels.tiny_llava import build_tiny_llava
 from vllm_runner import run_jobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs")]

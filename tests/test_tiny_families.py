@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvlm_offline.tiny_families import (
+from qvlm_offline.tools.child import child_main, run_child
+
+from qvlm_offline.testmodels.tiny_families import (
     ARCHITECTURES,
     FAMILIES,
     QWEN_TOKENS,
@@ -80,7 +80,7 @@ def _id(row) -> str:
 
 
 def _image_question(seed: int = 0):
-    from qvlm_offline.tiny_llava import tiny_prompts
+    from qvlm_offline.testmodels.tiny_llava import tiny_prompts
 
     return tiny_prompts(1, image_size=IMAGE_SIZE, seed=seed)[0]
 
@@ -222,17 +222,7 @@ def test_string_only_template(tmp_path):
 
 
 def _run_vllm_jobs(jobs: list[dict], workdir: Path, timeout: int = 600) -> list[dict]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    jobs_file, out_file = workdir / "jobs.json", workdir / "results.json"
-    jobs_file.write_text(json.dumps(jobs))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, __file__, str(jobs_file), str(out_file)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"vLLM child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out_file.read_text())
+    return run_child("jobs", jobs, workdir, "vllm", script=__file__, timeout=timeout)
 
 
 def _linear_names(model) -> dict[str, list[str]]:
@@ -304,12 +294,11 @@ def test_vllm_greedy_matches_transformers(built, tmp_path):
     assert not failures, failures
 
 
-if __name__ == "__main__":  # the vLLM child: python test_tiny_families.py jobs.json results.json
+if __name__ == "__main__":  # the vLLM child: python test_tiny_families.py _child jobs JOB OUT
     # Registry inspection in this process instead of one Python start per architecture not yet
     # in ~/.cache/vllm/modelinfos (10-40 s each on 2 cores).  On CPU there is no CUDA state for
     # the subprocess to protect.
     import vllm.model_executor.models.registry as _registry
 
     _registry._run_in_subprocess = lambda fn: fn()
-    _jobs = json.loads(Path(sys.argv[1]).read_text())
-    Path(sys.argv[2]).write_text(json.dumps([_child_run(j) for j in _jobs]))
+    sys.exit(child_main(sys.argv[1:], {"jobs": lambda jobs: [_child_run(j) for j in jobs]}))

@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from qvlm_offline.tiny_llava import IMAGE, build_tiny_llava, llava_prompt, tiny_prompts
+from qvlm_offline.testmodels.tiny_llava import IMAGE, build_tiny_llava, llava_prompt, tiny_prompts
 from vllm_runner import run_jobs
 
 N_PROMPTS = 2

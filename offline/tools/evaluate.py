@@ -35,7 +35,7 @@ import types
 from pathlib import Path
 
 
-TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
+TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 TASKS = {"easyvqa": "qvlm_easyvqa", "text": "qvlm_text_ppl"}
 MULTIMODAL_TASKS = {"easyvqa"}
 QUANTIZATION_CHOICES = ("auto", "qvlm", "none")

@@ -26,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import _run_child
+from .child import child_main, run_child
 
 
 def _messages(question: str) -> list[dict]:
-    from .vqa_data import vqa_question
+    from ..vqa_data import vqa_question
 
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vqa_question(question)}]}]
 
@@ -40,7 +40,7 @@ def _measure(job: dict) -> dict:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from .vqa_data import load_test_examples
+    from ..vqa_data import load_test_examples
 
     examples = load_test_examples(job["questions"], offset=job["offset"])
     processor = AutoProcessor.from_pretrained(job["model"])
@@ -112,7 +112,7 @@ def _kl_coarse(p: dict[str, float], q: dict[str, float], k_fp: int) -> float:
 
 
 def summarize(fp: dict, q: dict, k_fp: int) -> dict:
-    from .vqa_data import is_correct
+    from ..vqa_data import is_correct
 
     kls, agree = [], []
     for p, d in zip(fp["dists"], q["dists"]):
@@ -128,6 +128,10 @@ def _fingerprint(model: Path) -> list:
     return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model).iterdir() if f.is_file())
 
 
+def _run_child(task: str, job: dict, workdir: Path, name: str, threads: int, timeout: int) -> dict:
+    return run_child(task, job, workdir, name, module="qvlm_offline.tools.compare", threads=threads, timeout=timeout)
+
+
 def _measure_cached(job: dict, workdir: Path, name: str, threads: int, timeout: int) -> dict:
     """Run (or reuse) one model's measurement: results are cached in ``workdir/cache`` under a
     key of the job and the model directory's fingerprint, so adding a model to a comparison
@@ -138,7 +142,7 @@ def _measure_cached(job: dict, workdir: Path, name: str, threads: int, timeout: 
     cache = workdir / "cache" / f"{name}-{key}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    res = _run_child("measure", job, workdir, name, threads, timeout, module="qvlm_offline.compare")
+    res = _run_child("measure", job, workdir, name, threads, timeout)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(res))
     return res
@@ -240,6 +244,4 @@ def cmd_compare(args: argparse.Namespace) -> int:
 _CHILD_TASKS = {"measure": _measure}
 
 if __name__ == "__main__":
-    from .bench import child_main
-
-    sys.exit(child_main(sys.argv[2:], _CHILD_TASKS))
+    sys.exit(child_main(sys.argv[1:], _CHILD_TASKS))

@@ -37,7 +37,7 @@ import math
 import random
 from pathlib import Path
 
-from .adapters import llava15_prompt
+from ..adapters import llava15_prompt
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 UNK, BOS, EOS, PAD, IMAGE = range(5)
@@ -130,7 +130,7 @@ def _build_tokenizer(vocab: list[str]):
 
 def hub_name(name: str) -> str:
     """transformers 5 parameter name -> llava-hf hub checkpoint name (what vLLM loads)."""
-    from .adapters import adapter_of
+    from ..adapters import adapter_of
 
     hub = adapter_of("LlavaForConditionalGeneration").hub_name(name)
     if hub == name:
@@ -343,7 +343,7 @@ def build_tiny_llava(
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
     readme = (
-        "Tiny random-weight LLaVA built offline by qvlm_offline.tiny_llava.build_tiny_llava "
+        "Tiny random-weight LLaVA built offline by qvlm_offline.testmodels.tiny_llava.build_tiny_llava "
         f"(text {text_model}, vision {vision_model}, seed={seed}). For tests and demos only: its answers are meaningless.\n"
     )
     (out / "README.md").write_text(readme)

@@ -3,7 +3,7 @@
 :func:`build_tiny_family` writes a complete model directory (``model.safetensors``,
 ``config.json``, ``generation_config.json``, tokenizer, processor, chat template) for one
 (family, text, vision) combination of :data:`FAMILIES`.  Like
-:func:`qvlm_offline.tiny_llava.build_tiny_llava` (whose word-level vocabulary and tokenizer
+:func:`qvlm_offline.testmodels.tiny_llava.build_tiny_llava` (whose word-level vocabulary and tokenizer
 it imports), the weights are random, drawn deterministically from ``seed`` and scaled so
 next-token distributions are peaked (greedy decoding is stable across dtypes and backends;
 special tokens get near-zero ``lm_head`` rows and are never emitted).  The tensors are
@@ -497,6 +497,6 @@ def build_tiny_family(
 
     (out / "README.md").write_text(
         f"Tiny random-weight {family} ({text} + {vision}) built offline by "
-        f"qvlm_offline.tiny_families.build_tiny_family (seed={seed}, hidden={hidden}). "
+        f"qvlm_offline.testmodels.tiny_families.build_tiny_family (seed={seed}, hidden={hidden}). "
         "For tests only: its answers are meaningless.\n")
     return out

@@ -4,7 +4,7 @@ The default demo builds smol-llava (SmolLM2-135M-Instruct, a real pretrained lan
 shipped as a PyPI package, with the shipped trained vision side), quantizes it with the
 Q-VLM search through :func:`qvlm_offline.pipeline.quantize` on a short budget (and with RTN
 for contrast), then runs the float model and each quantized one in vLLM with
-``quantization="qvlm"`` on easy-VQA **test** images (:func:`qvlm_offline.compare.run_compare`):
+``quantization="qvlm"`` on easy-VQA **test** images (:func:`qvlm_offline.tools.compare.run_compare`):
 answers next to the truth, accuracy, next-token KL to the float model, checkpoint bytes and
 batch-1 decode speed. Everything it prints is measured in that run; the summary is also
 written to ``WORKDIR/demo.json``.
@@ -42,8 +42,8 @@ def _dir_bytes(path: Path) -> int:
 def run_demo(workdir: Path, options: DemoOptions | None = None, say=print) -> dict:
     """The real demo; returns (and writes to ``workdir/demo.json``) what it printed."""
     from .compare import run_compare
-    from .pipeline import QuantizeOptions, quantize
-    from .smol_llava import build_smol_llava
+    from ..pipeline import QuantizeOptions, quantize
+    from ..testmodels.smol_llava import build_smol_llava
 
     o = options or DemoOptions()
     workdir = Path(workdir)
@@ -96,7 +96,7 @@ def run_demo(workdir: Path, options: DemoOptions | None = None, say=print) -> di
                      "decode_tok_s": (r["decode"] or {}).get("tokens_per_s"), "max_token_id": r["max_token_id"]})
     answers = {"truth": cmp["reference"], "float": cmp["float_answers"],
                **{label: cmp["models"][str(p)]["answers"] for label, p in quantized.items()}}
-    from .vqa_data import load_test_examples
+    from ..vqa_data import load_test_examples
 
     questions = [ex.question for ex in load_test_examples(o.questions)]
     timings["total_s"] = time.perf_counter() - t_start
@@ -161,7 +161,7 @@ def generate(model_dir: Path, prompts, max_tokens: int = 12, quantization: str |
     """Greedy generation with vLLM; returns (texts, token ids, seconds)."""
     from vllm import LLM, SamplingParams
 
-    from .adapters import llava15_prompt
+    from ..adapters import llava15_prompt
 
     llm = LLM(model=str(model_dir), quantization=quantization, dtype="bfloat16", **vllm_engine_kwargs())
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -175,8 +175,8 @@ def generate(model_dir: Path, prompts, max_tokens: int = 12, quantization: str |
 
 def run_quick_demo(workdir: Path, scheme: str = "w4a16", quantize_vision: bool = False, n_prompts: int = 4) -> int:
     """The smoke test: a tiny random-weight LLaVA, RTN, vLLM next to the unquantized model."""
-    from .export import export_checkpoint
-    from .tiny_llava import build_tiny_llava, tiny_prompts
+    from ..export import export_checkpoint
+    from ..testmodels.tiny_llava import build_tiny_llava, tiny_prompts
 
     workdir = Path(workdir)
     src, out = workdir / "tiny-llava", workdir / f"tiny-llava-{scheme}"

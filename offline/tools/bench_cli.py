@@ -1,4 +1,4 @@
-"""``qvlm bench``: the subcommand wiring for :mod:`qvlm_offline.bench` (imports nothing heavy)."""
+"""``qvlm bench``: the subcommand wiring for :mod:`qvlm_offline.tools.bench` (imports nothing heavy)."""
 
 from __future__ import annotations
 

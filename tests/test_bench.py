@@ -203,9 +203,11 @@ def test_cuda_compilation_configs_are_valid_for_vllm():
 def test_child_env_per_device(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    cpu = B.child_env(2)
+    from qvlm_offline.tools.child import child_env
+
+    cpu = child_env(2)
     assert cpu["OMP_NUM_THREADS"] == "2" and cpu["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    cuda = B.child_env(None, "cuda")
+    cuda = child_env(None, "cuda")
     assert "OMP_NUM_THREADS" not in cuda and not any(k.startswith("VLLM_CPU_") for k in cuda)
     assert cuda["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and "TRITON_INTERPRET" not in cuda
 

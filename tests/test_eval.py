@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from qvlm_offline import vqa_data
+from qvlm_offline.tools.child import child_env
 from qvlm_offline.tools.evaluate import TASKS, TASKS_DIR, add_eval_parser, parse_tasks, resolve_quantization
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,16 +136,8 @@ def test_lm_eval_tasks_load_offline():
 # ----------------------------------------------------------------------------- vLLM (slow)
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-               VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.pop("TRITON_INTERPRET", None)  # set by conftest for the Triton kernel tests; not for vLLM
-    return env
-
-
 def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_child_env(), capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env(None), capture_output=True, text=True, timeout=timeout,
                           check=False)
     if proc.returncode != 0:
         raise AssertionError(f"{cmd[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")

@@ -94,7 +94,7 @@ import sys
 import time
 from pathlib import Path
 
-from .child import child_env, child_main, run_child  # noqa: F401  (child_env: part of bench's API)
+from .child import child_main, run_child
 
 DEFAULT_SCHEMES = ("w4a16", "w8a8", "w4a8")
 DEVICES = ("auto", "cpu", "cuda")

@@ -173,29 +173,26 @@ def run_compare(fp_model: Path, models: list[Path], *, questions: int = 200, off
         runs[str(m)] = _measure_cached({**base, "model": str(m), "k": k_q, "positions": positions}, workdir,
                                        m.name, threads, timeout)
     fp_acc = summarize(fp, fp, k_fp)["accuracy"]
-    results = {name: summarize(fp, r, k_fp) | {"seconds": r["seconds"], "decode": r.get("decode"),
-                                                "answers": [a["text"] for a in r["answers"]],
-                                                "max_token_id": _max_token_id(r)}
-               for name, r in runs.items()}
+    results = {name: summarize(fp, r, k_fp) | _outputs(r) for name, r in runs.items()}
     return {"float_model": str(fp_model), "float_accuracy": fp_acc, "settings": base | {"k_fp": k_fp, "k_q": k_q},
-            "float_answers": [a["text"] for a in fp["answers"]], "float_decode": fp.get("decode"),
-            "float_max_token_id": _max_token_id(fp),
-            "reference": fp["reference"], "models": results}
+            "float": _outputs(fp), "reference": fp["reference"], "models": results}
 
 
-def _max_token_id(run: dict) -> int:
-    """The largest token id a model generated (an image token or vocabulary padding means a broken model)."""
-    return max((max(a["token_ids"], default=-1) for a in run["answers"]), default=-1)
+def _outputs(run: dict) -> dict:
+    """What a model itself produced: its greedy answers, the largest token id it generated (an
+    image token or vocabulary padding means a broken model), its decode speed, its time."""
+    return {"answers": [a["text"] for a in run["answers"]], "seconds": run["seconds"], "decode": run.get("decode"),
+            "max_token_id": max((max(a["token_ids"], default=-1) for a in run["answers"]), default=-1)}
 
 
 def format_table(res: dict) -> str:
-    speed = res.get("float_decode") is not None
+    speed = res["float"]["decode"] is not None
 
     def tok_s(d):
         return f" {d['tokens_per_s']:.1f} |" if d and d.get("tokens_per_s") else " - |"
 
     lines = [f"float model {res['float_model']}: easy-VQA accuracy {100 * res['float_accuracy']:.1f}%"
-             + (f", batch-1 decode {res['float_decode']['tokens_per_s']:.1f} tok/s" if speed else ""),
+             + (f", batch-1 decode {res['float']['decode']['tokens_per_s']:.1f} tok/s" if speed else ""),
              "| model | KL(fp‖q) | top-1 agreement | accuracy |" + (" decode tok/s |" if speed else ""),
              "|---|---|---|---|" + ("---|" if speed else "")]
     for name, r in res["models"].items():

@@ -89,16 +89,13 @@ def run_demo(workdir: Path, options: DemoOptions | None = None, say=print) -> di
                       say=lambda m: say(f"      {m}"))
     timings["vllm_s"] = time.perf_counter() - t0
 
-    rows = [{"model": f"float ({o.dtype})", "dir": str(src), "bytes": _dir_bytes(src),
-             "accuracy": cmp["float_accuracy"], "kl": None, "top1_agreement": None,
-             "decode_tok_s": (cmp["float_decode"] or {}).get("tokens_per_s"),
-             "max_token_id": cmp["float_max_token_id"]}]
-    for label, path in quantized.items():
-        r = cmp["models"][str(path)]
-        rows.append({"model": label, "dir": str(path), "bytes": _dir_bytes(path), "accuracy": r["accuracy"],
-                     "kl": r["kl"], "top1_agreement": r["top1_agreement"],
-                     "decode_tok_s": (r["decode"] or {}).get("tokens_per_s"), "max_token_id": r["max_token_id"]})
-    answers = {"truth": cmp["reference"], "float": cmp["float_answers"],
+    measured = {f"float ({o.dtype})": (src, cmp["float"] | {"accuracy": cmp["float_accuracy"], "kl": None,
+                                                             "top1_agreement": None}),
+                **{label: (path, cmp["models"][str(path)]) for label, path in quantized.items()}}
+    rows = [{"model": label, "dir": str(path), "bytes": _dir_bytes(path), "accuracy": r["accuracy"], "kl": r["kl"],
+             "top1_agreement": r["top1_agreement"], "decode_tok_s": (r["decode"] or {}).get("tokens_per_s"),
+             "max_token_id": r["max_token_id"]} for label, (path, r) in measured.items()]
+    answers = {"truth": cmp["reference"], "float": cmp["float"]["answers"],
                **{label: cmp["models"][str(p)]["answers"] for label, p in quantized.items()}}
     from ..vqa_data import load_test_examples
 
@@ -114,7 +111,8 @@ def run_demo(workdir: Path, options: DemoOptions | None = None, say=print) -> di
     say(format_rows(rows))
     say(f"\nwall time {timings['total_s']:.0f} s (build {timings['build_s']:.0f} s, search "
         f"{timings['qvlm_search_s']:.0f} s, vLLM {timings['vllm_s']:.0f} s); KL: next-token KL(float || quantized) "
-        "along the float model's answers (4 positions per question, top-20 tokens + rest); "
+        f"along the float model's answers ({cmp['settings']['answer_tokens']} positions per question, "
+        f"top-{cmp['settings']['k_fp']} tokens + rest); "
         f"summary in {workdir / 'demo.json'}")
     return summary
 

@@ -45,7 +45,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         scheme=args.scheme, method=args.method, group_size=args.group_size, symmetric=args.symmetric,
         format=args.format, scale_dtype=args.scale_dtype, quantize_vision=args.quantize_vision,
         quantize_lm_head=args.quantize_lm_head, calib=args.calib, num_samples=args.num_samples, seed=args.seed,
-        search=_search_options(args), max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        device=args.device, search_dtype=args.search_dtype, search=_search_options(args), max_shard_size=args.max_shard_size, overwrite=args.overwrite,
         progress=not args.quiet,
     )
     result = quantize(args.src, args.out, opts)
@@ -144,6 +144,23 @@ def add_search_args(q: argparse.ArgumentParser) -> None:
                    "peak RSS) and PNG plots")
 
 
+def add_device_args(q: argparse.ArgumentParser) -> None:
+    from .placement import DEVICES_HELP, SEARCH_DTYPES
+
+    g = q.add_argument_group("where gptq and qvlm run")
+    g.add_argument("--device", default="auto",
+                   help=f"device of the calibration passes and the search: {DEVICES_HELP}; the skeleton and one "
+                   "block of decoder layers live there, the calibration activations too when they fit in half of "
+                   "its free memory, else in (pinned) host memory; the choice is printed and in the report "
+                   "(default: auto)")
+    g.add_argument("--search-dtype", default="float32", choices=SEARCH_DTYPES,
+                   help="precision of the passes through the quantized path: float32, or bfloat16 autocast "
+                   "(matmuls/attention in bf16; rounding logits, scales, Hessians, loss and the float model's "
+                   "targets stay float32; stored activations in bf16, half the memory) where the device runs "
+                   "bf16 natively (CUDA, CPUs with AVX-512 BF16 or AMX); auto: bfloat16 where native "
+                   "(default: float32)")
+
+
 def add_scale_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
@@ -197,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector (CLIP/SigLIP towers)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (off by default)")
     add_calibration_args(q)
+    add_device_args(q)
     add_search_args(q)
     q.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 512MB (default: 2GB)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")

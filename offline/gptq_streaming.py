@@ -30,7 +30,8 @@ from qvlm_kernels.format import FormatError, LayerSpec
 from qvlm_kernels.reference import fake_quantize_per_token
 
 from .gptq import HessianAccumulator, quantize_gptq
-from .qvlm import Block, SearchLinear, SearchResult, _set, gptq_block, weights_once
+from .placement import Placement
+from .qvlm import Block, SearchResult, _set, dequantized_linear, gptq_block, input_groups
 from .sequential import StreamingModel
 
 
@@ -40,6 +41,11 @@ def _side_modules(model: StreamingModel, spec_for: Callable[[str], LayerSpec | N
             if n.endswith(".weight") and len(info.shape) == 2
             and (ad.is_vision_linear(n.rpartition(".")[0]) or ad.is_lm_head(n.rpartition(".")[0]))
             and spec_for(n.rpartition(".")[0]) is not None]
+
+
+def _host(stored: tuple) -> tuple:
+    """Stored tensors in host memory (the export writes from there)."""
+    return tuple(None if t is None else t.cpu() for t in stored)
 
 
 def _hook(acc: HessianAccumulator, act_bits: int | None):
@@ -53,25 +59,30 @@ def gptq_sequential(
     spec_for: Callable[[str], LayerSpec | None],
     *,
     progress: bool = True,
+    placement: Placement | None = None,
 ) -> SearchResult:
-    """GPTQ of every linear the config quantizes, decoder layers streamed one at a time."""
+    """GPTQ of every linear the config quantizes, decoder layers streamed one at a time
+    (``placement``: device, precision of the passes, activation store; default CPU, float32)."""
     t_start = time.perf_counter()
-    model = StreamingModel(model_dir)
+    model = StreamingModel(model_dir, placement=placement)
+    P = model.placement
     ad, layout = model.adapter, model.adapter.decoder
     side = _side_modules(model, spec_for)
     vision = [m for m in side if ad.is_vision_linear(m)]
     accs, hooks = {}, []
     for m in vision:
         lin = model.model.get_submodule(ad.transformers_name(m))
-        accs[m] = HessianAccumulator(lin.in_features, dtype=torch.float32)
+        accs[m] = HessianAccumulator(lin.in_features, dtype=torch.float32, device=P.device)
         hooks.append(lin.register_forward_pre_hook(_hook(accs[m], spec_for(m).act_bits)))
     try:
         xs = model.first_layer_inputs(model_inputs, progress=progress)
     finally:
         for h in hooks:
             h.remove()
-    tensors = {m: quantize_gptq(model.model.get_submodule(ad.transformers_name(m)).weight.detach(),
-                                spec_for(m), accs[m].hessian(), name=m) for m in vision}
+    tensors = {m: _host(quantize_gptq(model.model.get_submodule(ad.transformers_name(m)).weight.detach(),
+                                      spec_for(m), accs[m].hessian(), name=m)) for m in vision}
+    del accs
+    model.release_input_side()
 
     hidden = [x.hidden for x in xs]
     for i in tqdm(range(model.num_layers), desc="gptq", unit="layer", disable=not progress):
@@ -81,26 +92,25 @@ def gptq_sequential(
             raise FormatError(f"{prefix}: --method gptq quantizes whole decoder layers; some linears are ignored")
         act_bits = specs[(0, layout.linears[0])].act_bits
         layer = model.load_layer(i).requires_grad_(False)
-        block = Block([layer], layout.linears)
-        solved = gptq_block(block, specs, act_bits, xs, hidden)
-        slins = []
+        block = Block([layer], layout.linears, P)
+        solved = gptq_block(block, specs, act_bits, xs, hidden, input_groups(layout))
         for (_, name), q in solved.items():
-            tensors[f"{prefix}.{name}"] = q
-            sl = SearchLinear(layer.get_submodule(name), specs[(0, name)], *q, act_bits)
-            _set(layer, name, sl)
-            slins.append(sl)
-        with weights_once(slins, grad=False):
-            hidden = [block.outputs(x, h)[-1] for x, h in zip(xs, hidden)]
-        del layer, block, slins
+            tensors[f"{prefix}.{name}"] = _host(q)
+            _set(layer, name, dequantized_linear(layer.get_submodule(name), q, specs[(0, name)], act_bits))
+        with P.autocast():
+            hidden = [P.store(block.outputs(x, h)[-1]) for x, h in zip(xs, hidden)]
+        del layer, block, solved
 
     head = [m for m in side if ad.is_lm_head(m)]
     if head:
         spec = spec_for(head[0])
-        acc = HessianAccumulator(model.model.lm_head.in_features, dtype=torch.float32)
+        acc = HessianAccumulator(model.model.lm_head.in_features, dtype=torch.float32, device=P.device)
         for h in hidden:
-            y = model.language_model.norm(h)
+            y = model.language_model.norm(P.fetch(h))
             acc.update(fake_quantize_per_token(y, spec.act_bits) if spec.act_bits else y)
-        tensors[head[0]] = quantize_gptq(model.model.lm_head.weight.detach(), spec, acc.hessian(), name=head[0])
+        q = quantize_gptq(model.model.lm_head.weight.detach(), spec, acc.hessian(), name=head[0])
+        tensors[head[0]] = _host(q)
     report = {"method": "gptq", "pipeline": "sequential", "num_samples": len(xs),
-              "tokens": sum(x.tokens for x in xs), "seconds": time.perf_counter() - t_start}
+              "tokens": sum(x.tokens for x in xs), "placement": P.describe(),
+              "seconds": time.perf_counter() - t_start}
     return SearchResult(tensors, {}, report)

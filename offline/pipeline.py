@@ -15,6 +15,8 @@ in memory (every calibrated method streams one decoder layer or block at a time)
 from __future__ import annotations
 
 import functools
+import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ class QuantizeOptions:
     calib: str = "easyvqa"
     num_samples: int = 128
     seed: int = 0
+    device: str = "auto"  # gptq/qvlm: cpu, cuda, cuda:N, auto (CUDA when available)
+    search_dtype: str = "float32"  # gptq/qvlm: float32, bfloat16 (autocast), auto (bf16 where native)
     search: dict = field(default_factory=dict)  # SearchConfig fields (method qvlm)
     max_shard_size: str | int = "2GB"
     overwrite: bool = False
@@ -61,6 +65,37 @@ def _calibration_inputs(src: Path, opts: QuantizeOptions) -> list[dict]:
     processor = AutoProcessor.from_pretrained(src)
     samples = load_calibration(opts.calib, opts.num_samples, opts.seed, processor=processor)  # its chat template
     return build_model_inputs(samples, processor)
+
+
+def _placement(src: Path, inputs: list[dict], opts: QuantizeOptions):
+    """The run's device/precision/activation store, from the sizes this run will hold.
+
+    Stored activations: hidden-state copies of every calibration token (GPTQ: the layer's
+    inputs and outputs; the search: inputs, float and quantized paths, one target per
+    block layer, the smoothing pass); the block on the device: its parameters with the
+    search's state (rounding logits, their gradient and Adam moments, codes: ~6 floats
+    per weight)."""
+    import torch
+
+    from qvlm_kernels.checkpoint import read_config, tensor_table
+
+    from .adapters import adapter_for
+    from .placement import activation_bytes, choose_placement
+
+    config = read_config(src)
+    text = config.get("text_config") or config
+    hidden = int(text["hidden_size"])
+    tokens = sum(int(inp["input_ids"].shape[-1]) for inp in inputs)
+    table = tensor_table(src)
+    prefix = f"{adapter_for(src, config=config, tensor_names=table).layer_prefix(0)}."
+    layer_params = sum(math.prod(info.shape) for n, info in table.items() if n.startswith(prefix))
+    if opts.method == "qvlm":
+        block = int(opts.search.get("max_block_layers", 2))
+        copies, reserve = 4 + block, 6 * 4 * layer_params * block
+    else:
+        copies, reserve = 2, 2 * 4 * layer_params
+    return choose_placement(opts.device, opts.search_dtype, reserve=reserve,
+                            activation_need=activation_bytes(tokens, hidden, copies, torch.float32))
 
 
 def _quantize_fn(tensors: dict, replaced: dict):
@@ -105,14 +140,18 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
     quantize_fn, replaced, report = None, None, {"method": opts.method}
     if opts.method != "rtn":
         inputs = _calibration_inputs(src, opts)
+        placement = _placement(src, inputs, opts)
+        if opts.progress:
+            print(f"{opts.method}: {placement}", file=sys.stderr)
         if opts.method == "qvlm":
             from .qvlm import SearchConfig, qvlm_search
 
-            result = qvlm_search(src, inputs, qcfg.layer_spec, SearchConfig(**opts.search), progress=opts.progress)
+            result = qvlm_search(src, inputs, qcfg.layer_spec, SearchConfig(**opts.search), progress=opts.progress,
+                                 placement=placement)
         else:
             from .gptq_streaming import gptq_sequential
 
-            result = gptq_sequential(src, inputs, qcfg.layer_spec, progress=opts.progress)
+            result = gptq_sequential(src, inputs, qcfg.layer_spec, progress=opts.progress, placement=placement)
         quantize_fn, replaced, report = _quantize_fn(result.tensors, result.replaced), result.replaced, result.report
     written = export(
         src, out, scheme=opts.scheme, group_size=opts.group_size, symmetric=opts.symmetric,

@@ -34,6 +34,7 @@ Output: the stored tensors of every decoder linear (``qweight``, float16 ``scale
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -47,7 +48,7 @@ from tqdm import tqdm
 
 from qvlm_kernels.format import FormatError, LayerSpec
 from qvlm_kernels.pack import pack_codes, unpack_codes
-from qvlm_kernels.reference import fake_quantize_per_token
+from qvlm_kernels.reference import dequantize, fake_quantize_per_token
 
 from .entropy import (
     DependencyMeter,
@@ -60,6 +61,7 @@ from .gptq import HessianAccumulator, quantize_gptq
 from .partition import default_threshold, describe_partition, partition_blocks
 from .rtn import quantize_rtn, to_float16_at_least
 from .adapters import DecoderLayout
+from .placement import Placement
 from .sequential import LayerInputs, StreamingModel, run_layer
 
 _ZETA, _GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
@@ -101,14 +103,18 @@ def _ste_round(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_act(x: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """Per-token symmetric fake-quant as the kernels do; straight-through gradient."""
+    """Per-token symmetric fake-quant as the kernels do (in float32, also under bf16 autocast);
+    straight-through gradient."""
     if bits is None:
         return x
+    x = x.float()
     return x + (fake_quantize_per_token(x.detach(), bits) - x.detach())
 
 
-def _group_index(k: int, group_size: int) -> torch.Tensor:
-    return torch.zeros(k, dtype=torch.long) if group_size == -1 else torch.arange(k) // group_size
+def _group_index(k: int, group_size: int, device=None) -> torch.Tensor:
+    if group_size == -1:
+        return torch.zeros(k, dtype=torch.long, device=device)
+    return torch.arange(k, device=device) // group_size
 
 
 class SearchLinear(nn.Module):
@@ -117,26 +123,29 @@ class SearchLinear(nn.Module):
     Codes are ``base + h`` with ``h`` in [0, 1] (soft: rectified sigmoid of ``V``; hard:
     ``V >= 0``), clamped to the grid; weight = (code - zero) * scale. ``base`` is fixed
     at construction from a starting solution (GPTQ or RTN codes), so the hard start
-    reproduces that solution exactly.
+    reproduces that solution exactly. All state lives on the float linear's device; the
+    float weight itself is not kept (the search never reads it again).
     """
 
     def __init__(self, linear: nn.Linear, spec: LayerSpec, qweight, scales, qzeros, act_bits: int | None):
         super().__init__()
         w = linear.weight.detach().to(torch.float32)
+        dev = w.device
         n, k = w.shape
+        self.in_features, self.out_features = k, n
         self.spec, self.act_bits = spec, act_bits
-        self.register_buffer("weight_fp", w)
         self.bias = None if linear.bias is None else linear.bias.detach().to(torch.float32)
-        self.register_buffer("gidx", _group_index(k, spec.group_size))
-        self.register_buffer("s0", scales.to(torch.float32))  # [G, N]
-        z = torch.full_like(self.s0, float(spec.implicit_zero)) if qzeros is None else qzeros.to(torch.float32)
+        self.register_buffer("gidx", _group_index(k, spec.group_size, dev))
+        self.register_buffer("s0", scales.to(dev, torch.float32))  # [G, N]
+        z = torch.full_like(self.s0, float(spec.implicit_zero)) if qzeros is None else qzeros.to(dev, torch.float32)
         self.register_buffer("z", z)
         self.qmax = float((1 << spec.bits) - 1)
-        codes = unpack_codes(qweight, spec.bits).to(torch.float32).t()  # [N, K]
+        codes = unpack_codes(qweight.to(dev), spec.bits).to(torch.float32).t()  # [N, K]
         # base so that the start code is base + r with r in {0, 1}, r = 1 where w/s lies below it
         ratio = w / self.s0[self.gidx].t() + self.z[self.gidx].t()
         r = (ratio < codes).to(torch.float32)
-        self.register_buffer("base", codes - r)
+        del ratio, w
+        self.register_buffer("base", (codes - r).to(torch.float16))  # integers in [-1, 255]: exact in float16
         h0 = 0.25 + 0.5 * r  # soft start leaning to the start's decision
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (h0 - _GAMMA) - 1))
         self.log_mult = nn.Parameter(torch.zeros_like(self.s0))
@@ -177,8 +186,8 @@ class SearchLinear(nn.Module):
         scales = to_float16_at_least(self.s0 * torch.exp(self.log_mult))
         codes = self.codes().t().contiguous().to(torch.uint8)  # [K, N]
         self.hard = was
-        zeros = None if self.spec.symmetric else self.z.to(torch.uint8)
-        return pack_codes(codes, self.spec.bits), scales, zeros
+        zeros = None if self.spec.symmetric else self.z.to(torch.uint8).cpu()
+        return pack_codes(codes, self.spec.bits).cpu(), scales.cpu(), zeros
 
 
 class ActQuantLinear(nn.Module):
@@ -208,7 +217,7 @@ def _rel_err(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     token and ignore the rest. The next layer's RMSNorm divides each token by its own
     norm, which is what this error sees.
     """
-    t = target.float()
+    t = target.to(y.device, torch.float32)
     num = (y.float() - t).pow(2).sum(-1)
     return (num / t.pow(2).sum(-1).clamp(min=1e-12)).mean()
 
@@ -220,10 +229,14 @@ def _kl(logits_q: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
 
 
 class Block:
-    """The decoder layers of one block, run on samples, with per-layer outputs."""
+    """The decoder layers of one block, run on samples, with per-layer outputs.
 
-    def __init__(self, layers: list[nn.Module], linears: tuple[str, ...]):
+    ``autocast()`` is the precision of passes through the quantized path (the placement's
+    search dtype; float32 when none is given)."""
+
+    def __init__(self, layers: list[nn.Module], linears: tuple[str, ...], placement: Placement | None = None):
         self.layers, self.linear_names = layers, linears
+        self.autocast = placement.autocast if placement is not None else contextlib.nullcontext
 
     def outputs(self, x: LayerInputs, hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
         h = x.hidden if hidden is None else hidden
@@ -248,10 +261,12 @@ def _profile(model: StreamingModel, xs: list[LayerInputs], bits: int, progress: 
     Each layer's input is quantized to codes once; the codes feed its entropy and both
     dependencies it takes part in.
     """
+    P = model.placement
     ent, dep = [], []
     prev_codes = None
     hidden = [x.hidden for x in xs]
     input_norm = model.adapter.decoder.groups[0].norm  # the normalised residual stream layer i reads
+    code_dtype = torch.int8 if bits <= 8 else torch.int32
     for i in tqdm(range(model.num_layers), desc="profile", unit="layer", disable=not progress):
         layer = model.load_layer(i)
         em = EntropyMeter(bits)
@@ -259,12 +274,12 @@ def _profile(model: StreamingModel, xs: list[LayerInputs], bits: int, progress: 
         codes = []
         with torch.no_grad():
             for j, x in enumerate(xs):
-                c = quantize_codes_per_token(layer.get_submodule(input_norm)(hidden[j]), bits)
+                c = quantize_codes_per_token(layer.get_submodule(input_norm)(hidden[j].to(P.device, torch.float32)), bits)
                 em.update_codes(c)
-                codes.append(c)
+                codes.append(c.to(P.store_device, code_dtype))
                 if prev_codes is not None:
-                    dm.update_codes(prev_codes[j], c)
-                hidden[j] = run_layer(layer, x, hidden[j])
+                    dm.update_codes(prev_codes[j].to(P.device), c)
+                hidden[j] = P.store(run_layer(layer, x, hidden[j]))
         ent.append(em.entropy())
         if prev_codes is not None:
             dep.append(dm.conditional_entropy())
@@ -322,7 +337,7 @@ def _quantize_layer_rtn(layer: nn.Module, specs: dict[str, LayerSpec], act_bits)
     for name in specs:
         lin = layer.get_submodule(name)
         q = quantize_rtn(lin.weight.detach(), specs[name], name)
-        _set(layer, name, SearchLinear(lin, specs[name], *q, act_bits))
+        _set(layer, name, dequantized_linear(lin, q, specs[name], act_bits))
 
 
 def _searched(block: Block) -> list[SearchLinear]:
@@ -331,29 +346,39 @@ def _searched(block: Block) -> list[SearchLinear]:
 
 def _block_error(block: Block, xs, hidden_q, targets) -> float:
     """Mean relative squared error of the block's output over the samples."""
-    with torch.no_grad(), weights_once(_searched(block), grad=False):
+    with torch.no_grad(), weights_once(_searched(block), grad=False), block.autocast():
         errs = [float(_rel_err(block.outputs(x, h)[-1], t[-1])) for x, h, t in zip(xs, hidden_q, targets)]
     return sum(errs) / max(len(errs), 1)
 
 
-def _sample_loss(block: Block, x, h, target, weights, head, kl_weight, fp_logp=None) -> torch.Tensor:
-    """The search objective on one sample: entropy-weighted layer errors (+ KL for the last block,
-    ``fp_logp`` = the float model's next-token log-probs for this sample)."""
+def _float_logp(head: Callable, target: list[torch.Tensor]) -> torch.Tensor:
+    """The float model's next-token log-probs for one sample (from its last-layer target).
+
+    Recomputed where needed rather than kept: ``[T, vocab]`` float32 per sample is more
+    than the sample's hidden states by the ratio vocab / width (8x at LLaVA-7B)."""
+    with torch.no_grad(), torch.autocast(target[-1].device.type, enabled=False):
+        return F.log_softmax(head(target[-1]).float(), -1)
+
+
+def _sample_loss(block: Block, x, h, target, weights, head, kl_weight) -> torch.Tensor:
+    """The search objective on one sample: entropy-weighted layer errors (+ KL to the float
+    model's next-token distribution for the last block, ``head`` = final norm + lm_head)."""
     outs = block.outputs(x, h)
     loss = sum(w * _rel_err(y, t) for w, y, t in zip(weights, outs, target))
     if head is not None and kl_weight:
-        loss = loss + kl_weight * _kl(head(outs[-1]), fp_logp)
+        loss = loss + kl_weight * _kl(head(outs[-1]), _float_logp(head, target))
     return loss
 
 
-def _objective(block: Block, xs, hidden_q, targets, weights, head, kl_weight, fp_logp) -> float:
-    with torch.no_grad():
-        vals = [float(_sample_loss(block, x, h, t, weights, head, kl_weight, fp_logp[j] if head else None))
-                for j, (x, h, t) in enumerate(zip(xs, hidden_q, targets))]
+def _objective(block: Block, xs, hidden_q, targets, weights, head, kl_weight) -> float:
+    with torch.no_grad(), block.autocast():
+        vals = [float(_sample_loss(block, x, h, t, weights, head, kl_weight))
+                for x, h, t in zip(xs, hidden_q, targets)]
     return sum(vals) / max(len(vals), 1)
 
 
-def _choose_smoothing(layer_fp: nn.Module, specs, act_bits, xs, hidden_q, targets, layout: DecoderLayout) -> float:
+def _choose_smoothing(layer_fp: nn.Module, specs, act_bits, xs, hidden_q, targets, layout: DecoderLayout,
+                      placement: Placement | None = None) -> float:
     """Best migration strength for one decoder layer, by its output error with RTN weights."""
     stats = _input_absmax(layer_fp, xs, hidden_q, layout)
     best, best_err = 0.0, math.inf
@@ -361,36 +386,51 @@ def _choose_smoothing(layer_fp: nn.Module, specs, act_bits, xs, hidden_q, target
         trial = copy.deepcopy(layer_fp)
         _apply_smoothing(trial, stats, alpha, layout)
         _quantize_layer_rtn(trial, specs, act_bits)
-        err = _block_error(Block([trial], layout.linears), xs, hidden_q, [[t] for t in targets])
+        err = _block_error(Block([trial], layout.linears, placement), xs, hidden_q, [[t] for t in targets])
         if err < best_err:
             best, best_err = alpha, err
     _apply_smoothing(layer_fp, stats, best, layout)
     return best
 
 
-def gptq_block(block: Block, specs: dict[tuple[int, str], LayerSpec], act_bits, xs, hidden_q) -> dict:
-    """Hessians of the block's linear inputs (X_q through the float block) -> GPTQ solutions."""
+def gptq_block(block: Block, specs: dict[tuple[int, str], LayerSpec], act_bits, xs, hidden_q,
+               shared: tuple[tuple[str, ...], ...] = ()) -> dict:
+    """Hessians of the block's linear inputs (X_q through the float block) -> GPTQ solutions.
+
+    ``shared``: groups of linears that read the same input (the layout's input groups,
+    e.g. q/k/v): one Hessian per group, the same matrix each would accumulate alone."""
+    leader = {n: g[0] for g in shared for n in g}
     accs: dict[tuple[int, str], HessianAccumulator] = {}
     hooks = []
     for i, name, layer in block.linears():
         lin = layer.get_submodule(name)
+        if leader.get(name, name) != name:
+            continue
         # float32 sums: exact enough over one calibration set's tokens, and twice as fast as float64
-        acc = HessianAccumulator(lin.in_features, dtype=torch.float32)
+        acc = HessianAccumulator(lin.in_features, dtype=torch.float32, device=lin.weight.device)
         accs[(i, name)] = acc
         hooks.append(lin.register_forward_pre_hook(
             lambda _m, args, acc=acc: acc.update(fake_quantize_per_token(args[0], act_bits) if act_bits else args[0])))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), block.autocast():
             for x, h in zip(xs, hidden_q):
                 block.outputs(x, h)
     finally:
         for hk in hooks:
             hk.remove()
     out = {}
-    for (i, name), acc in accs.items():
-        lin = block.layers[i].get_submodule(name)
-        out[(i, name)] = quantize_gptq(lin.weight.detach(), specs[(i, name)], acc.hessian(), name=name)
+    hessians = {key: acc.hessian() for key, acc in accs.items()}
+    del accs
+    for i, name, layer in block.linears():
+        lin = layer.get_submodule(name)
+        h = hessians[(i, leader.get(name, name))]
+        out[(i, name)] = quantize_gptq(lin.weight.detach(), specs[(i, name)], h, name=name)
     return out
+
+
+def input_groups(layout: DecoderLayout) -> tuple[tuple[str, ...], ...]:
+    """Linears of a decoder layer that read the same input (one Hessian serves each group)."""
+    return tuple(g.linears for g in layout.groups)
 
 
 def _layer_weights(ent: list[float], start: int, end: int, on: bool) -> list[float]:
@@ -438,18 +478,12 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
     opt = torch.optim.Adam([{"params": [s.v for s in slins], "lr": cfg.lr_round},
                             {"params": [s.log_mult for s in slins], "lr": cfg.lr_scale}])
     snapshot = lambda: [(s.v.detach().clone(), s.log_mult.detach().clone()) for s in slins]  # noqa: E731
-    fp_logp = None
-    if head is not None:
-        with torch.no_grad():
-            fp_logp = [F.log_softmax(head(t[-1]).float(), -1) for t in targets]
-
     held, train = _split(len(xs), cfg.holdout)
 
     def evaluate() -> float:
-        sub = lambda v: None if v is None else [v[j] for j in held]  # noqa: E731
+        sub = lambda v: [v[j] for j in held]  # noqa: E731
         with weights_once(slins, grad=False):
-            return _objective(block, sub(xs), sub(hidden_q), sub(targets), weights, head, cfg.kl_weight,
-                              sub(fp_logp))
+            return _objective(block, sub(xs), sub(hidden_q), sub(targets), weights, head, cfg.kl_weight)
 
     best_err, best_step, best = evaluate(), 0, snapshot()
     losses = []
@@ -458,8 +492,9 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
             s.hard = False
         idx = [train[j] for j in torch.randperm(len(train), generator=gen)[: cfg.batch_samples].tolist()]
         with weights_once(slins, grad=True):
-            loss = sum(_sample_loss(block, xs[j], hidden_q[j], targets[j], weights, head, cfg.kl_weight,
-                                    fp_logp[j] if head is not None else None) for j in idx) / len(idx)
+            with block.autocast():
+                loss = sum(_sample_loss(block, xs[j], hidden_q[j], targets[j], weights, head, cfg.kl_weight)
+                           for j in idx) / len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
@@ -477,12 +512,20 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
     return losses, best_err, best_step
 
 
+@torch.no_grad()
+def dequantized_linear(lin: nn.Linear, stored, spec: LayerSpec, act_bits: int | None) -> ActQuantLinear:
+    """``lin`` turned in place into the stored math: its weight becomes the dequantized stored
+    tensors (no copy of the layer), its input fake-quantized per token as the kernels do."""
+    lin.weight.copy_(dequantize(*(t.to(lin.weight.device) if t is not None else None for t in stored), spec).t())
+    return ActQuantLinear(lin, act_bits)
+
+
 def _frozen_layer(layer: nn.Module, act_bits: int | None) -> nn.Module:
     """A searched decoder layer with its linears as plain float layers holding the stored math."""
     for name, sl in list(layer.named_modules()):
         if not isinstance(sl, SearchLinear):
             continue
-        lin = nn.Linear(sl.weight_fp.shape[1], sl.weight_fp.shape[0], bias=sl.bias is not None)
+        lin = nn.Linear(sl.in_features, sl.out_features, bias=sl.bias is not None, device=sl.s0.device)
         with torch.no_grad():
             lin.weight.copy_(sl.weight())
             if sl.bias is not None:
@@ -513,11 +556,13 @@ def _optimize_vision(model: StreamingModel, qlayers: list[nn.Module], model_inpu
     lm.layers, lm.config.num_hidden_layers = nn.ModuleList(qlayers), len(qlayers)
     proj = model.model.get_submodule(model.adapter.projector_module)
     image_token = model.config.image_token_id
+    P = model.placement
     targets = [F.log_softmax(model.head(h).float(), -1)[0] for h in hidden_fp]
-    masks = [_text_positions(inp, image_token) for inp in model_inputs]
+    masks = [_text_positions(inp, image_token).to(P.device) for inp in model_inputs]
 
     def kl(j: int) -> torch.Tensor:
-        inp = {k: (v.to(torch.float32) if torch.is_floating_point(v) else v) for k, v in model_inputs[j].items()}
+        inp = P.to_device({k: (v.to(torch.float32) if torch.is_floating_point(v) else v)
+                           for k, v in model_inputs[j].items()})
         logits = model.model(**inp, use_cache=False).logits[0]
         lq = F.log_softmax(logits.float(), -1)
         lp = targets[j]
@@ -568,21 +613,26 @@ def qvlm_search(
     cfg: SearchConfig | None = None,
     *,
     progress: bool = True,
+    placement: Placement | None = None,
 ) -> SearchResult:
     """Run the Q-VLM search on the language model of ``model_dir`` (any family in :mod:`qvlm_offline.adapters`).
 
     ``model_inputs``: processor outputs per calibration sample
     (:func:`qvlm_offline.calibration.build_model_inputs`). ``spec_for(hub module name)``
     gives each decoder linear's storage spec (the export's quantization config).
+    ``placement``: device, search precision and activation store (default: CPU, float32).
     """
     cfg = cfg or SearchConfig()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t_start = time.perf_counter()
-    model = StreamingModel(model_dir)
+    model = StreamingModel(model_dir, placement=placement)
+    P = model.placement
     layout = model.adapter.decoder
     head = _head_fn(model)
     xs = model.first_layer_inputs(model_inputs, progress=progress)
+    if not cfg.optimize_vision:  # the visual stage runs the whole model again
+        model.release_input_side()
 
     names = model.adapter.layer_prefixes
     specs_all = []
@@ -607,39 +657,41 @@ def qvlm_search(
     bar = tqdm(blocks, desc="search", unit="block", disable=not progress)
     for b, (start, end) in enumerate(bar):
         tb = time.perf_counter()
-        layers_fp = [model.load_layer(i) for i in range(start, end)]
-        for layer in layers_fp:
-            layer.requires_grad_(False)
-        with torch.no_grad():
-            targets = [Block(layers_fp, layout.linears).outputs(x, h) for x, h in zip(xs, hidden_fp)]
+        layers = [model.load_layer(i).requires_grad_(False) for i in range(start, end)]
+        with torch.no_grad():  # float targets in float32, also with a bf16 search
+            targets = [[P.store(y) for y in Block(layers, layout.linears).outputs(x, h)]
+                       for x, h in zip(xs, hidden_fp)]
         alphas = []
         if smooth:  # layer by layer on the quantized path's inputs
             h_in = hidden_q
-            for li, layer in enumerate(layers_fp):
+            for li, layer in enumerate(layers):
                 t_layer = [t[li] for t in targets]
-                alphas.append(_choose_smoothing(layer, specs_all[start + li], act_bits, xs, h_in, t_layer, layout))
-                with torch.no_grad():
-                    h_in = [run_layer(layer, x, h) for x, h in zip(xs, h_in)]
+                alphas.append(_choose_smoothing(layer, specs_all[start + li], act_bits, xs, h_in, t_layer, layout, P))
+                with torch.no_grad(), P.autocast():
+                    h_in = [P.store(run_layer(layer, x, h)) for x, h in zip(xs, h_in)]
+            del h_in
+            for i, layer in enumerate(layers):
+                for norm in layout.norms:
+                    replaced[f"{names[start + i]}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().cpu().clone()
         specs = {(i, n): specs_all[start + i][n] for i in range(end - start) for n in layout.linears}
 
         # RTN reference and the GPTQ start
-        rtn_layers = [copy.deepcopy(layer) for layer in layers_fp]
+        rtn_layers = [copy.deepcopy(layer) for layer in layers]
         for i, layer in enumerate(rtn_layers):
             _quantize_layer_rtn(layer, specs_all[start + i], act_bits)
-        err_rtn = _block_error(Block(rtn_layers, layout.linears), xs, hidden_q, targets)
+        err_rtn = _block_error(Block(rtn_layers, layout.linears, P), xs, hidden_q, targets)
         del rtn_layers
-        fp_block = Block(layers_fp, layout.linears)
-        starts = (gptq_block(fp_block, specs, act_bits, xs, hidden_q)
+        starts = (gptq_block(Block(layers, layout.linears, P), specs, act_bits, xs, hidden_q, input_groups(layout))
                   if cfg.init == "gptq" else
                   {(i, n): quantize_rtn(layer.get_submodule(n).weight.detach(), specs[(i, n)], n)
-                   for i, layer in enumerate(layers_fp) for n in layout.linears})
-        qlayers = [copy.deepcopy(layer) for layer in layers_fp]
-        slins = []
+                   for i, layer in enumerate(layers) for n in layout.linears})
+        slins = []  # the float layers become the searched ones: each linear's float weight is freed here
         for (i, name), q in starts.items():
-            sl = SearchLinear(qlayers[i].get_submodule(name), specs[(i, name)], *q, act_bits)
-            _set(qlayers[i], name, sl)
+            sl = SearchLinear(layers[i].get_submodule(name), specs[(i, name)], *q, act_bits)
+            _set(layers[i], name, sl)
             slins.append(sl)
-        qblock = Block(qlayers, layout.linears)
+        del starts
+        qblock = Block(layers, layout.linears, P)
         err_init = _block_error(qblock, xs, hidden_q, targets)
         weights = _layer_weights(ent, start, end, cfg.entropy_weighting)
         is_last = end == model.num_layers
@@ -649,15 +701,11 @@ def qvlm_search(
                                                head if is_last else None, gen)
         err_final = _block_error(qblock, xs, hidden_q, targets)
 
-        with torch.no_grad(), weights_once(slins, grad=False):
-            hidden_q = [qblock.outputs(x, h)[-1] for x, h in zip(xs, hidden_q)]
-            hidden_fp = [t[-1] for t in targets]
-        for (i, name), sl in zip(starts, slins):
+        with torch.no_grad(), weights_once(slins, grad=False), P.autocast():
+            hidden_q = [P.store(qblock.outputs(x, h)[-1]) for x, h in zip(xs, hidden_q)]
+        hidden_fp = [t[-1] for t in targets]
+        for (i, name), sl in zip(specs, slins):
             tensors[f"{names[start + i]}.{name}"] = sl.stored()
-        if smooth:
-            for i, layer in enumerate(layers_fp):
-                for norm in layout.norms:
-                    replaced[f"{names[start + i]}.{norm}.weight"] = layer.get_submodule(norm).weight.detach().clone()
         block_reports.append({
             "block": b, "start": start, "end": end, "layer_weights": weights, "smoothing_alpha": alphas,
             "error_rtn": err_rtn, f"error_{cfg.init}": err_init, "error_final": err_final, "objective_final": obj,
@@ -666,8 +714,8 @@ def qvlm_search(
         })
         bar.set_postfix(rtn=f"{err_rtn:.3g}", init=f"{err_init:.3g}", final=f"{err_final:.3g}")
         if cfg.optimize_vision:
-            kept_layers.extend(_frozen_layer(layer, act_bits) for layer in qlayers)
-        del layers_fp, qlayers, qblock, slins, targets
+            kept_layers.extend(_frozen_layer(layer, act_bits) for layer in layers)
+        del layers, qblock, slins, targets
 
     vision_report = None
     if cfg.optimize_vision:
@@ -688,6 +736,7 @@ def qvlm_search(
                     "dependency_next": dep[i] if i < len(dep) else None} for i in range(len(names))],
         "correlation": entropy_dependency_correlation(ent[:-1], dep) if len(dep) > 1 else None,
         "partition": describe_partition(blocks, names), "blocks": block_reports,
-        "profile_seconds": profile_s, "vision": vision_report, "seconds": time.perf_counter() - t_start,
+        "profile_seconds": profile_s, "vision": vision_report, "placement": P.describe(),
+        "seconds": time.perf_counter() - t_start,
     }
     return SearchResult(tensors, replaced, report)

@@ -6,9 +6,18 @@ whole float model for that is wasteful, so :class:`StreamingModel` keeps only a
 *skeleton* in memory (vision tower, projector, embeddings, final norm, ``lm_head``:
 what turns samples into first-layer inputs and last-layer outputs into logits) and
 reads one decoder layer at a time from the safetensors files (plain reads, no mmap),
-in float32. Peak memory is then the skeleton + the layers of one block + the
-calibration activations. Module names come from the checkpoint's
-:class:`~qvlm_offline.adapters.ModelAdapter` (any supported family).
+in float32, onto the run's device (:class:`~qvlm_offline.placement.Placement`). After
+the first layer's inputs are captured, :meth:`StreamingModel.release_input_side` frees
+the weights only the capture needs (vision tower, projector, token embeddings). Peak
+memory is then the larger of the capture (the skeleton) and of the block phase: final
+norm + ``lm_head`` + the layers of one block + the calibration activations. Module names
+come from the checkpoint's :class:`~qvlm_offline.adapters.ModelAdapter` (any supported
+family).
+
+Where things live: a sample's hidden states are kept in the placement's activation
+store (host memory, or the device when they fit); its layer kwargs (rotary embeddings,
+mask: small next to the hidden states) on the device. :func:`run_layer` moves a stored
+hidden state to the device in float32.
 
 How the first layer's inputs are captured: the skeleton's language model holds a
 single stand-in layer that records what transformers passes to decoder layer 0
@@ -29,6 +38,7 @@ from qvlm_kernels.checkpoint import read_config, read_tensor, tensor_table
 from qvlm_kernels.format import FormatError
 
 from .adapters import ModelAdapter, UnsupportedModelError, adapter_for
+from .placement import Placement
 
 
 class _Stop(Exception):
@@ -49,8 +59,9 @@ class _Catcher(nn.Module):
 class LayerInputs:
     """One calibration sample at a decoder-layer boundary: hidden states + the layer's kwargs."""
 
-    hidden: torch.Tensor  # [1, T, H]
-    kwargs: dict = field(repr=False)
+    hidden: torch.Tensor  # [1, T, H], in the activation store
+    kwargs: dict = field(repr=False)  # on the device
+    device: torch.device = field(default=torch.device("cpu"), repr=False)  # where the layers run
 
     @property
     def tokens(self) -> int:
@@ -65,12 +76,13 @@ def _layer_kwargs(kwargs: dict) -> dict:
 
 
 class StreamingModel:
-    """A safetensors VLM checkpoint read one decoder layer at a time (float32, CPU)."""
+    """A safetensors VLM checkpoint read one decoder layer at a time (float32, on ``placement.device``)."""
 
     def __init__(self, model_dir: str | Path, *, adapter: ModelAdapter | None = None,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", placement: Placement | None = None):
         from transformers import AutoConfig
 
+        self.placement = placement or Placement(torch.device("cpu"))
         self.model_dir = Path(model_dir)
         self.table = tensor_table(self.model_dir)
         raw = read_config(self.model_dir)
@@ -97,6 +109,7 @@ class StreamingModel:
         lm.layers = nn.ModuleList([_Catcher()])
         self.model = model
         self._load_skeleton(raw)
+        self.model.to(self.placement.device)
 
     @property
     def language_model(self) -> nn.Module:
@@ -138,33 +151,49 @@ class StreamingModel:
         if missing or unexpected:
             raise FormatError(f"{self.model_dir}: decoder layer {index} tensors do not match "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return layer.eval()
+        return layer.eval().to(self.placement.device)
+
+    def release_input_side(self) -> int:
+        """Free every skeleton weight but the final norm's and ``lm_head``'s (tied embeddings stay
+        as ``lm_head``); returns the bytes freed. After it only layers and :meth:`head` work."""
+        lm = self.language_model
+        keep = {id(p) for m in (self.model.lm_head, lm.norm) for p in m.parameters()}
+        freed = 0
+        for p in self.model.parameters():
+            if id(p) not in keep and p.numel():
+                freed += p.numel() * p.element_size()
+                p.data = p.data.new_empty(0)
+        return freed
 
     # ------------------------------------------------------------------ activations
 
     @torch.no_grad()
     def first_layer_inputs(self, model_inputs: list[dict], progress: bool = False) -> list[LayerInputs]:
-        """Inputs of decoder layer 0 for every sample (image features merged in)."""
+        """Inputs of decoder layer 0 for every sample (image features merged in); hidden states stored."""
         from tqdm import tqdm
 
+        P = self.placement
         catcher = self.language_model.layers[0]
         out = []
         for inputs in tqdm(model_inputs, desc="embed", unit="sample", disable=not progress):
             inputs = {k: (v.to(torch.float32) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
             try:
-                self.model(**inputs, use_cache=False)
+                self.model(**P.to_device(inputs), use_cache=False)
             except _Stop:
                 pass
             hidden, kwargs = catcher.seen.pop()
-            out.append(LayerInputs(hidden, _layer_kwargs(kwargs)))
+            out.append(LayerInputs(P.store(hidden), _layer_kwargs(kwargs), P.device))
         return out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Last decoder layer's output -> logits (final norm + lm_head)."""
-        return self.model.lm_head(self.language_model.norm(hidden))
+        """Last decoder layer's output (stored or computed) -> logits (final norm + lm_head) on the device."""
+        h = hidden.to(self.placement.device, torch.float32)
+        return self.model.lm_head(self.language_model.norm(h))
 
 
 def run_layer(layer: nn.Module, x: LayerInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """One decoder layer on one sample (``hidden`` replaces ``x.hidden`` when given)."""
+    """One decoder layer on one sample (``hidden`` replaces ``x.hidden`` when given), on the
+    layers' device; a stored hidden state is moved there in float32."""
     h = x.hidden if hidden is None else hidden
+    h = h.to(x.device, torch.float32, non_blocking=True)
     return layer(h, **x.kwargs)

@@ -19,6 +19,7 @@ from .calibration import add_calibration_args
 from .adapters import supported_architectures
 from .tools.compare import add_compare_parser
 from .tools.evaluate import add_eval_parser
+from .tools.search_cost import add_search_cost_parser
 from .testmodels.smol_llava import add_build_model_parser
 
 
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_bench_parser(sub)
+    add_search_cost_parser(sub)
     add_compare_parser(sub)
     add_build_model_parser(sub)
 

@@ -153,6 +153,10 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
 
             result = gptq_sequential(src, inputs, qcfg.layer_spec, progress=opts.progress, placement=placement)
         quantize_fn, replaced, report = _quantize_fn(result.tensors, result.replaced), result.replaced, result.report
+        if placement.device.type == "cuda":
+            import torch
+
+            report = report | {"peak_device_bytes": torch.cuda.max_memory_allocated(placement.device)}
     written = export(
         src, out, scheme=opts.scheme, group_size=opts.group_size, symmetric=opts.symmetric,
         quantize_vision=opts.quantize_vision, quantize_lm_head=opts.quantize_lm_head, method=opts.method,

@@ -122,7 +122,7 @@ class Placement:
 
     def describe(self) -> dict:
         return {"device": str(self.device), "search_dtype": str(self.search_dtype).removeprefix("torch."),
-                "activations": f"{'pinned host' if self.pinned else self.store_device.type} memory, "
+                "activations": f"{'pinned host' if self.pinned else 'host' if self.store_device.type == 'cpu' else str(self.store_device)} memory, "
                                f"{str(self.store_dtype).removeprefix('torch.')}",
                 "why": self.reason}
 

@@ -652,6 +652,10 @@ def qvlm_search(
     blocks = partition_blocks(ent, cfg.max_block_layers, threshold)
 
     tensors, replaced, block_reports, kept_layers = {}, {}, [], []
+    held, _ = _split(len(xs), cfg.holdout)
+    # the reported block errors (rtn / start / final) are measured on the held-out samples:
+    # a diagnostic needs no full pass over the calibration set per block and state
+    held_out = lambda *lists: [[v[j] for j in held] for v in lists]  # noqa: E731
     hidden_fp = [x.hidden for x in xs]
     hidden_q = [x.hidden for x in xs]
     bar = tqdm(blocks, desc="search", unit="block", disable=not progress)
@@ -679,7 +683,7 @@ def qvlm_search(
         rtn_layers = [copy.deepcopy(layer) for layer in layers]
         for i, layer in enumerate(rtn_layers):
             _quantize_layer_rtn(layer, specs_all[start + i], act_bits)
-        err_rtn = _block_error(Block(rtn_layers, layout.linears, P), xs, hidden_q, targets)
+        err_rtn = _block_error(Block(rtn_layers, layout.linears, P), *held_out(xs, hidden_q, targets))
         del rtn_layers
         starts = (gptq_block(Block(layers, layout.linears, P), specs, act_bits, xs, hidden_q, input_groups(layout))
                   if cfg.init == "gptq" else
@@ -692,14 +696,16 @@ def qvlm_search(
             slins.append(sl)
         del starts
         qblock = Block(layers, layout.linears, P)
-        err_init = _block_error(qblock, xs, hidden_q, targets)
+        err_init = _block_error(qblock, *held_out(xs, hidden_q, targets))
         weights = _layer_weights(ent, start, end, cfg.entropy_weighting)
         is_last = end == model.num_layers
         losses, obj, best_step = [], None, 0
+        t_steps = time.perf_counter()
         if cfg.iters > 0:
             losses, obj, best_step = _optimize(qblock, slins, xs, hidden_q, targets, weights, cfg,
                                                head if is_last else None, gen)
-        err_final = _block_error(qblock, xs, hidden_q, targets)
+        t_steps = time.perf_counter() - t_steps
+        err_final = _block_error(qblock, *held_out(xs, hidden_q, targets))
 
         with torch.no_grad(), weights_once(slins, grad=False), P.autocast():
             hidden_q = [P.store(qblock.outputs(x, h)[-1]) for x, h in zip(xs, hidden_q)]
@@ -710,7 +716,7 @@ def qvlm_search(
             "block": b, "start": start, "end": end, "layer_weights": weights, "smoothing_alpha": alphas,
             "error_rtn": err_rtn, f"error_{cfg.init}": err_init, "error_final": err_final, "objective_final": obj,
             "best_step": best_step, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "seconds": time.perf_counter() - tb,
+            "seconds": time.perf_counter() - tb, "seconds_steps": t_steps,  # the optimisation steps (+ held-out checks)
         })
         bar.set_postfix(rtn=f"{err_rtn:.3g}", init=f"{err_init:.3g}", final=f"{err_final:.3g}")
         if cfg.optimize_vision:
@@ -732,6 +738,7 @@ def qvlm_search(
     report = {
         "method": "qvlm", "config": cfg.__dict__ | {"threshold": threshold}, "num_samples": len(xs),
         "tokens": sum(x.tokens for x in xs), "measurement_bits": bits,
+        "block_errors_on": f"{len(held)} held-out samples",
         "layers": [{"index": i, "name": names[i], "entropy": ent[i],
                     "dependency_next": dep[i] if i < len(dep) else None} for i in range(len(names))],
         "correlation": entropy_dependency_correlation(ent[:-1], dep) if len(dep) > 1 else None,

@@ -128,6 +128,53 @@ def _build_tokenizer(vocab: list[str]):
     )
 
 
+def save_processor(out: Path, tokenizer, *, image_size: int, patch_size: int, vision_model: str = "clip",
+                   chat_template: str | None = None) -> None:
+    """Write a LlavaProcessor (the tiny word-level tokenizer + a CLIP or SigLIP image processor) to ``out``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor
+
+    template = chat_template or CHAT_TEMPLATE
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    image_processor = SiglipImageProcessor(
+        do_resize=True, size={"height": image_size, "width": image_size}, do_rescale=True, do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True,
+    ) if vision_model == "siglip" else CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default" if vision_model == "clip" else "full",
+        num_additional_image_tokens=1 if vision_model == "clip" else 0,
+        image_token="<image>",
+        chat_template=template,
+    )
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Also the pre-transformers-5 file layout: a standalone preprocessor_config.json and a
+    # tokenizer class name that every transformers version knows.
+    image_processor.save_pretrained(out)
+    tok_cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
+def tiny_tokenizer(extra_words=()):
+    """The tiny word-level tokenizer (``<image>`` is id ``IMAGE``)."""
+    return _build_tokenizer(_vocabulary(extra_words))
+
+
 def hub_name(name: str) -> str:
     """transformers 5 parameter name -> llava-hf hub checkpoint name (what vLLM loads)."""
     from ..adapters import adapter_of
@@ -216,13 +263,11 @@ def build_tiny_llava(
     import torch
     from safetensors.torch import save_file
     from transformers import (
-        CLIPImageProcessor,
         CLIPVisionConfig,
         GenerationConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
 
     if image_size % patch_size:
@@ -252,7 +297,7 @@ def build_tiny_llava(
     if text_model not in TEXT_MODELS or vision_model not in ("clip", "siglip"):
         raise ValueError(f"text_model must be one of {TEXT_MODELS} and vision_model clip or siglip")
     if vision_model == "siglip":
-        from transformers import SiglipImageProcessor, SiglipVisionConfig
+        from transformers import SiglipVisionConfig
 
         vision_config = SiglipVisionConfig(
             hidden_size=vision_hidden, intermediate_size=vision_intermediate, num_hidden_layers=vision_layers,
@@ -306,41 +351,8 @@ def build_tiny_llava(
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=False
     ).save_pretrained(out)
 
-    template = chat_template or CHAT_TEMPLATE
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    image_processor = SiglipImageProcessor(
-        do_resize=True, size={"height": image_size, "width": image_size}, do_rescale=True, do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True,
-    ) if vision_model == "siglip" else CLIPImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": image_size},
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        do_convert_rgb=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default" if vision_model == "clip" else "full",
-        num_additional_image_tokens=1 if vision_model == "clip" else 0,
-        image_token="<image>",
-        chat_template=template,
-    )
-    processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    # Also the pre-transformers-5 file layout: a standalone preprocessor_config.json and a
-    # tokenizer class name that every transformers version knows.
-    image_processor.save_pretrained(out)
-    tok_cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    save_processor(out, tokenizer, image_size=image_size, patch_size=patch_size, vision_model=vision_model,
+                   chat_template=chat_template)
 
     readme = (
         "Tiny random-weight LLaVA built offline by qvlm_offline.testmodels.tiny_llava.build_tiny_llava "

@@ -19,6 +19,8 @@ def test_search_cost_runs_each_method_per_depth_and_extrapolates(tmp_path):
     q = next(s for s in res["summary"] if s["method"] == "qvlm")
     assert {"seconds_per_layer", "extrapolated_full_depth_s", "seconds_per_layer_at_150_steps"} <= set(q)
     assert res["machine"]["cpu_model"] and "threads" in res["machine"]
+    step = res["step_seconds_one_layer"]
+    assert step["float32"]["seconds"] > 0 and ("seconds" in step["bfloat16"] or "skipped" in step["bfloat16"])
     saved = json.loads((tmp_path / "search_cost.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(res["summary"]))
     assert not list(tmp_path.glob("out-*/config.json"))  # quantized outputs removed after each run (reports kept)

@@ -115,6 +115,65 @@ def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, bl
             "skeleton_bytes": 4 * head, "predicted_peak_bytes": max(capture, blocks)}
 
 
+def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"), repeats: int = 2) -> dict:
+    """Seconds of one search step (forward + backward) through one decoder layer on one sample of
+    ``tokens`` tokens, per search dtype that this machine runs natively (best of ``repeats``)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from qvlm_kernels.format import LayerSpec, get_scheme
+
+    from ..adapters import LLAMA_STYLE_LAYER
+    from ..placement import Placement, resolve_search_dtype
+    from ..qvlm import Block, SearchLinear, _rel_err, _set, weights_once
+    from ..rtn import quantize_rtn
+    from ..sequential import LayerInputs
+    from ..testmodels.synthetic import WIDTHS
+
+    hidden, inter, heads = WIDTHS[widths]
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                      num_key_value_heads=heads, num_hidden_layers=1)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(cfg, 0).eval().requires_grad_(False)
+    w4 = get_scheme("w4a16")
+    spec = LayerSpec("w4a16", w4.weight_bits, 128, True, w4.act_bits, w4.act_mode)
+    slins = []
+    for name in LLAMA_STYLE_LAYER.linears:
+        lin = layer.get_submodule(name)
+        torch.nn.init.normal_(lin.weight, std=0.02)
+        sl = SearchLinear(lin, spec, *quantize_rtn(lin.weight, spec, name), None)
+        _set(layer, name, sl)
+        slins.append(sl)
+    x = torch.randn(1, tokens, hidden)
+    pos = LlamaRotaryEmbedding(cfg)(x, torch.arange(tokens).unsqueeze(0))
+    sample = LayerInputs(x, {"position_embeddings": pos, "attention_mask": None, "use_cache": False})
+    target = [torch.randn(1, tokens, hidden)]
+    out = {}
+    for name in dtypes:
+        try:
+            dtype = resolve_search_dtype(name, torch.device("cpu"))
+        except ValueError as e:
+            out[name] = {"skipped": str(e)}
+            continue
+        block = Block([layer], LLAMA_STYLE_LAYER.linears, Placement(torch.device("cpu"), dtype))
+        for s in slins:
+            s.hard = False
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with weights_once(slins, grad=True):
+                with block.autocast():
+                    loss = _rel_err(block.outputs(sample)[-1], target[0])
+                loss.backward()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = {"seconds": best}
+    if "seconds" in out.get("bfloat16", {}) and "seconds" in out.get("float32", {}):
+        out["bf16_speedup"] = out["float32"]["seconds"] / out["bfloat16"]["seconds"]
+    return {"widths": widths, "tokens": tokens, **out}
+
+
 def run_search_cost(workdir: str | Path, args) -> dict:
     from ..testmodels.synthetic import CLIP_L_DEPTH, FULL_DEPTH, TOWERS, WIDTHS, write_random_llava
 
@@ -148,16 +207,23 @@ def run_search_cost(workdir: str | Path, args) -> dict:
                       flush=True)
                 rows.append(row)
     summary = _summarize(rows, FULL_DEPTH[args.widths], args.iters)
+    step = step_seconds(args.widths) if args.device in ("cpu", "auto") and not _cuda() else None
     result = {"machine": _machine(args.threads, args.device), "widths": args.widths, "vision_layers": args.vision_layers,
               "full_depth": FULL_DEPTH[args.widths], "full_vision_depth": CLIP_L_DEPTH, "scheme": args.scheme,
               "device": args.device, "search_dtype": args.search_dtype, "iters": args.iters,
               "max_block_layers": args.max_block_layers, "import_baseline_rss_bytes": baseline,
-              "runs": rows, "summary": summary,
+              "runs": rows, "summary": summary, "step_seconds_one_layer": step,
               "command": "qvlm search-cost " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["search-cost"] else sys.argv[1:])}
     (work / "search_cost.json").write_text(json.dumps(result, indent=2))
     _plot(result, work / "search_cost.png")
     _print_summary(result)
     return result
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _run_child_rss(args: list[str], env: dict) -> int:
@@ -209,6 +275,11 @@ def _print_summary(result: dict) -> None:
         print(f"| {r['method']} | {r['layers']} | {r['samples']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
               f"{r['peak_rss_bytes'] / 2**30:.2f} | {pred / 2**30 if pred else float('nan'):.2f} | "
               f"{r['checkpoint_bytes'] / 2**30:.2f} |")
+    step = result.get("step_seconds_one_layer")
+    if step:
+        print(f"one search step, one layer, one sample of {step['tokens']} tokens: "
+              + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in step.items() if isinstance(v, dict) and "seconds" in v)
+              + (f" (bf16 {step['bf16_speedup']:.2f}x faster)" if "bf16_speedup" in step else ""))
     for s in result["summary"]:
         if "seconds_per_layer" not in s:
             continue

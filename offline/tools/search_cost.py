@@ -90,7 +90,9 @@ def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, bl
     capture: vision tower + projector + embeddings + lm_head (float32, the skeleton);
     block phase: final norm + lm_head (float32) + one block + activations. One block: float32
     weights of its layers and, for the search, rounding logits + their gradient + two Adam
-    moments + float16 codes base (~4.5 floats per weight); GPTQ: the layer + its Hessians.
+    moments + float16 codes base (~4.5 floats per weight), or while its GPTQ start is solved the
+    layers + their Hessians + three float64 K x K matrices of the widest input (down_proj);
+    GPTQ: the layer + its Hessians + those three matrices.
     Activations: hidden-state copies of every calibration token (gptq 2, qvlm 4 + block layers),
     4 bytes each (2 with a bf16 search)."""
     from ..testmodels.synthetic import TOWERS, WIDTHS
@@ -102,11 +104,13 @@ def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, bl
     vision = vision_layers * (4 * v * v + 2 * v * TOWERS[widths]["intermediate_size"]) + v * hidden + hidden * hidden
     head = vocab * hidden
     act_bytes = 2 if search_dtype == "bfloat16" else 4
+    hessians = 4 * (3 * hidden * hidden + inter * inter)  # float32: qkv, o, gate/up, down
+    inverse = 3 * 8 * inter * inter  # GPTQ of down_proj: float64 H, and two of its Cholesky factors at a time
     if method == "qvlm":
-        block = block_layers * layer * 4 * 5.5
+        block = max(block_layers * layer * 4 * 5.5, layer * 4 * block_layers + hessians + inverse)
         copies = 4 + block_layers
     else:
-        block = layer * 4 + 4 * (3 * hidden * hidden + inter * inter)  # + Hessians (qkv, o, gate/up, down)
+        block = layer * 4 + hessians + inverse
         copies = 2
     acts = tokens * hidden * act_bytes * copies
     capture = 4 * (vision + 2 * head)

@@ -72,3 +72,15 @@ def child_main(argv: list[str], tasks: dict[str, Callable]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def run_measured(args: list[str], env: dict | None = None):
+    """Run ``python ARGS...`` (this interpreter) to the end; returns (exit code, its output, its own
+    resource usage: ``os.wait4``'s, that child alone — CPU times, peak RSS)."""
+    import os
+
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, out, usage

@@ -31,10 +31,11 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .child import run_measured
 
 WIDTHS_HELP = "7b (4096/11008, 32 heads), 13b (5120/13824, 40 heads) or tiny (a smoke test)"
 
@@ -53,18 +54,15 @@ def _machine(threads: int | None, device: str) -> dict:
 
 def _quantize_child(src: Path, out: Path, method: str, samples: int, args, env) -> dict:
     report_dir = out.with_name(out.name + "-report")
-    cmd = [sys.executable, "-m", "qvlm_offline.cli", "quantize", str(src), str(out), "--scheme", args.scheme,
+    cmd = ["-m", "qvlm_offline.cli", "quantize", str(src), str(out), "--scheme", args.scheme,
            "--method", method, "--calib", "easyvqa", "--num-samples", str(samples), "--seed", "0",
            "--device", args.device, "--search-dtype", args.search_dtype, "--max-shard-size", "512MB",
            "--overwrite", "--quiet", "--report", str(report_dir)]
     if method == "qvlm":
         cmd += ["--iters", str(args.iters), "--max-block-layers", str(args.max_block_layers)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out_text = proc.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
+    rc, out_text, usage = run_measured(cmd, env)
     wall = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
     row = {"method": method, "samples": samples, "rc": rc, "wall_s": wall,
            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024}
     if rc:
@@ -188,7 +186,7 @@ def run_search_cost(workdir: str | Path, args) -> dict:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     hidden, inter, heads = WIDTHS[args.widths]
-    baseline = _run_child_rss([sys.executable, "-c", "import torch, transformers, qvlm_offline.pipeline"], env)
+    baseline = run_measured(["-c", "import torch, transformers, qvlm_offline.pipeline"], env)[2].ru_maxrss * 1024
     rows = []
     for layers in args.layers:
         src = work / f"llava-{args.widths}-L{layers}"
@@ -228,12 +226,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _run_child_rss(args: list[str], env: dict) -> int:
-    proc = subprocess.Popen(args, env=env)
-    _, _, usage = os.wait4(proc.pid, 0)
-    return usage.ru_maxrss * 1024
 
 
 def _summarize(rows: list[dict], full_depth: int, iters: int, default_iters: int = 150) -> list[dict]:

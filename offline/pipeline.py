@@ -67,27 +67,22 @@ def _calibration_inputs(src: Path, opts: QuantizeOptions) -> list[dict]:
     return build_model_inputs(samples, processor)
 
 
-def _placement(src: Path, inputs: list[dict], opts: QuantizeOptions):
+def _placement(config: dict, table: dict, adapter, inputs: list[dict], opts: QuantizeOptions):
     """The run's device/precision/activation store, from the sizes this run will hold.
 
     Stored activations: hidden-state copies of every calibration token (GPTQ: the layer's
     inputs and outputs; the search: inputs, float and quantized paths, one target per
     block layer, the smoothing pass); the block on the device: its parameters with the
     search's state (rounding logits, their gradient and Adam moments, codes: ~6 floats
-    per weight)."""
+    per weight). ``config, table, adapter``: what :func:`~qvlm_offline.export.read_source` read."""
     import torch
 
-    from qvlm_kernels.checkpoint import read_config, tensor_table
-
-    from .adapters import adapter_for
     from .placement import activation_bytes, choose_placement
 
-    config = read_config(src)
     text = config.get("text_config") or config
     hidden = int(text["hidden_size"])
     tokens = sum(int(inp["input_ids"].shape[-1]) for inp in inputs)
-    table = tensor_table(src)
-    prefix = f"{adapter_for(src, config=config, tensor_names=table).layer_prefix(0)}."
+    prefix = f"{adapter.layer_prefix(0)}."
     layer_params = sum(math.prod(info.shape) for n, info in table.items() if n.startswith(prefix))
     if opts.method == "qvlm":
         block = int(opts.search.get("max_block_layers", 2))
@@ -119,7 +114,7 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {opts.method!r}")
     if opts.format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {opts.format!r}")
-    _, _, adapter = read_source(src)
+    config, table, adapter = read_source(src)
     if not adapter.family.verified:
         warnings.warn(f"{src}: {adapter.family.name} ({adapter.family.model_class}) has an adapter but is not yet "
                       "verified end to end by this version's tests; check the output with `qvlm compare`",
@@ -140,7 +135,7 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
     quantize_fn, replaced, report = None, None, {"method": opts.method}
     if opts.method != "rtn":
         inputs = _calibration_inputs(src, opts)
-        placement = _placement(src, inputs, opts)
+        placement = _placement(config, table, adapter, inputs, opts)
         if opts.progress:
             print(f"{opts.method}: {placement}", file=sys.stderr)
         if opts.method == "qvlm":

@@ -274,7 +274,7 @@ def _profile(model: StreamingModel, xs: list[LayerInputs], bits: int, progress: 
         codes = []
         with torch.no_grad():
             for j, x in enumerate(xs):
-                c = quantize_codes_per_token(layer.get_submodule(input_norm)(hidden[j].to(P.device, torch.float32)), bits)
+                c = quantize_codes_per_token(layer.get_submodule(input_norm)(P.fetch(hidden[j])), bits)
                 em.update_codes(c)
                 codes.append(c.to(P.store_device, code_dtype))
                 if prev_codes is not None:
@@ -456,6 +456,10 @@ class weights_once:
             s.cached = None
 
 
+def _take(values: list, idx: list[int]) -> list:
+    return [values[j] for j in idx]
+
+
 def _split(n: int, holdout: float) -> tuple[list[int], list[int]]:
     """(held-out, training) sample indices: every k-th sample held out; all of them for both if too few."""
     if holdout <= 0 or n < 4:
@@ -481,9 +485,9 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
     held, train = _split(len(xs), cfg.holdout)
 
     def evaluate() -> float:
-        sub = lambda v: [v[j] for j in held]  # noqa: E731
         with weights_once(slins, grad=False):
-            return _objective(block, sub(xs), sub(hidden_q), sub(targets), weights, head, cfg.kl_weight)
+            return _objective(block, _take(xs, held), _take(hidden_q, held), _take(targets, held), weights, head,
+                              cfg.kl_weight)
 
     best_err, best_step, best = evaluate(), 0, snapshot()
     losses = []
@@ -655,7 +659,7 @@ def qvlm_search(
     held, _ = _split(len(xs), cfg.holdout)
     # the reported block errors (rtn / start / final) are measured on the held-out samples:
     # a diagnostic needs no full pass over the calibration set per block and state
-    held_out = lambda *lists: [[v[j] for j in held] for v in lists]  # noqa: E731
+    held_out = lambda *lists: [_take(v, held) for v in lists]  # noqa: E731
     hidden_fp = [x.hidden for x in xs]
     hidden_q = [x.hidden for x in xs]
     bar = tqdm(blocks, desc="search", unit="block", disable=not progress)

@@ -46,7 +46,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         scheme=args.scheme, method=args.method, group_size=args.group_size, symmetric=args.symmetric,
         format=args.format, scale_dtype=args.scale_dtype, quantize_vision=args.quantize_vision,
         quantize_lm_head=args.quantize_lm_head, calib=args.calib, num_samples=args.num_samples, seed=args.seed,
-        device=args.device, search_dtype=args.search_dtype, search=_search_options(args), max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        device=args.device, search_dtype=args.search_dtype, activation_dtype=args.activation_dtype, search=_search_options(args), max_shard_size=args.max_shard_size, overwrite=args.overwrite,
         progress=not args.quiet,
     )
     result = quantize(args.src, args.out, opts)
@@ -146,7 +146,7 @@ def add_search_args(q: argparse.ArgumentParser) -> None:
 
 
 def add_device_args(q: argparse.ArgumentParser) -> None:
-    from .placement import DEVICES_HELP, SEARCH_DTYPES
+    from .placement import ACTIVATION_DTYPES, DEVICES_HELP, SEARCH_DTYPES
 
     g = q.add_argument_group("where gptq and qvlm run")
     g.add_argument("--device", default="auto",
@@ -157,9 +157,12 @@ def add_device_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--search-dtype", default="float32", choices=SEARCH_DTYPES,
                    help="precision of the passes through the quantized path: float32, or bfloat16 autocast "
                    "(matmuls/attention in bf16; rounding logits, scales, Hessians, loss and the float model's "
-                   "targets stay float32; stored activations in bf16, half the memory) where the device runs "
-                   "bf16 natively (CUDA, CPUs with AVX-512 BF16 or AMX); auto: bfloat16 where native "
-                   "(default: float32)")
+                   "targets stay float32) where the device runs bf16 natively (CUDA, CPUs with AVX-512 BF16 "
+                   "or AMX); auto: bfloat16 where native (default: float32)")
+    g.add_argument("--activation-dtype", default="auto", choices=ACTIVATION_DTYPES,
+                   help="dtype of the stored calibration activations between blocks (inputs, float targets, the "
+                   "quantized path's hidden states): bfloat16 halves their memory on any device, float32 keeps "
+                   "them exact; auto: the search dtype (default: auto)")
 
 
 def add_scale_dtype_arg(p: argparse.ArgumentParser) -> None:

@@ -148,18 +148,20 @@ def quantize_gptq(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
     dev = weight.device
-    w = weight.to(torch.float32).clone()
+    # Transposed, [K, N]: each input column of W is a contiguous row, so the per-column steps
+    # below run over contiguous N-vectors (several times faster on CPUs than strided columns).
+    w = weight.t().to(torch.float32).contiguous()
     h = hessian.to(device=dev, dtype=torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[dead] = 0.0
 
     gs = spec.group_size
     qmax = float((1 << spec.bits) - 1)
     static = act_order or gs == -1
     if static:
         # One grid per group, fitted before any update (and before permuting).
-        scales, zeros = rtn_grid(w.t(), spec)
+        scales, zeros = rtn_grid(w, spec)
         _check_scales(scales, name)
         s_all = scales.to(torch.float32)
         z_all = None if zeros is None else zeros.to(torch.float32)
@@ -170,7 +172,7 @@ def quantize_gptq(
 
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w = w[:, perm]
+        w = w[perm]
         h = h[perm][:, perm]
     else:
         perm = None
@@ -181,13 +183,13 @@ def quantize_gptq(
 
     u = _inverse_cholesky(h, damp, name).to(torch.float32)
     del h
-    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)
+    codes = torch.empty(k, n, dtype=torch.uint8, device=dev)  # [K, N], the packer's layout
     implicit = float(spec.implicit_zero)
     s_col = z_col = None
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         if static:
@@ -200,7 +202,7 @@ def quantize_gptq(
                 z_col = implicit if z_all is None else z_all[g]
             elif col % gs == 0:
                 width = min(gs, k - col)
-                sc, zc = rtn_grid(w1[:, i : i + width].t(), spec)
+                sc, zc = rtn_grid(w1[i : i + width], spec)
                 _check_scales(sc, name)
                 s_parts.append(sc)
                 s_col = sc[0].to(torch.float32)
@@ -209,22 +211,22 @@ def quantize_gptq(
                 else:
                     z_parts.append(zc)
                     z_col = zc[0].to(torch.float32)
-            x = w1[:, i]
+            x = w1[i]
             q = torch.clamp(torch.round(x / s_col) + z_col, 0.0, qmax)
-            codes[:, col] = q.to(torch.uint8)
+            codes[col] = q.to(torch.uint8)
             e = (x - (q - z_col) * s_col) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            w1[i:] -= u1[i, i:].unsqueeze(1) * e.unsqueeze(0)
+            err1[i] = e
+        w[i2:] -= u[i1:i2, i2:].t() @ err1
 
     if perm is not None:
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(k, device=dev)
-        codes = codes[:, inv]
+        codes = codes[inv]
     if not static:
         scales = torch.cat(s_parts)
         zeros = torch.cat(z_parts) if z_parts else None
-    qweight = pack_codes(codes.t().contiguous(), spec.bits)
+    qweight = pack_codes(codes, spec.bits)
     return qweight, scales, zeros
 
 

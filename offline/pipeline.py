@@ -45,6 +45,7 @@ class QuantizeOptions:
     seed: int = 0
     device: str = "auto"  # gptq/qvlm: cpu, cuda, cuda:N, auto (CUDA when available)
     search_dtype: str = "float32"  # gptq/qvlm: float32, bfloat16 (autocast), auto (bf16 where native)
+    activation_dtype: str = "auto"  # gptq/qvlm: the activation store's dtype; auto = the search dtype
     search: dict = field(default_factory=dict)  # SearchConfig fields (method qvlm)
     max_shard_size: str | int = "2GB"
     overwrite: bool = False
@@ -89,7 +90,7 @@ def _placement(config: dict, table: dict, adapter, inputs: list[dict], opts: Qua
         copies, reserve = 4 + block, 6 * 4 * layer_params * block
     else:
         copies, reserve = 2, 2 * 4 * layer_params
-    return choose_placement(opts.device, opts.search_dtype, reserve=reserve,
+    return choose_placement(opts.device, opts.search_dtype, activation_dtype=opts.activation_dtype, reserve=reserve,
                             activation_need=activation_bytes(tokens, hidden, copies, torch.float32))
 
 

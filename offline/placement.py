@@ -14,7 +14,8 @@ and the report:
   (profile, targets) stay float32. ``auto`` picks bfloat16 where supported.
 - **activation store**: the calibration activations of all samples between blocks (the
   quantized path's hidden states, the float model's, the block targets) are kept in
-  ``store_dtype`` (float32, or bfloat16 with a bf16 search: half the memory) on the
+  ``store_dtype`` (``--activation-dtype``: float32, or bfloat16 for half the memory; ``auto``
+  = the search dtype) on the
   device when they fit in half of its free memory, else in host memory (pinned with
   CUDA, copied in one sample at a time). On a CPU they are in host memory.
 
@@ -35,6 +36,7 @@ import torch
 
 DEVICES_HELP = "cpu, cuda, cuda:N or auto (CUDA when available)"
 SEARCH_DTYPES = ("auto", "float32", "bfloat16")
+ACTIVATION_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -137,13 +139,22 @@ def activation_bytes(tokens: int, hidden: int, copies: int, dtype: torch.dtype) 
     return tokens * hidden * copies * torch.empty((), dtype=dtype).element_size()
 
 
+def resolve_activation_dtype(name: str, search_dtype: torch.dtype) -> torch.dtype:
+    """The activation store's dtype: ``auto`` = the search dtype. bfloat16 storage needs no native
+    bf16 (it is a conversion per stored tensor), so any device may halve its activations."""
+    if name not in ACTIVATION_DTYPES:
+        raise ValueError(f"--activation-dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {name!r}")
+    return search_dtype if name == "auto" else getattr(torch, name)
+
+
 def choose_placement(device: str | torch.device = "auto", search_dtype: str = "float32", *,
-                     activation_need: int | None = None, reserve: int = 0) -> Placement:
-    """The run's placement. ``activation_need``: bytes of all stored activations (float32 when
-    ``search_dtype`` is float32, halved with bf16); ``reserve``: device bytes the block needs."""
+                     activation_dtype: str = "auto", activation_need: int | None = None,
+                     reserve: int = 0) -> Placement:
+    """The run's placement. ``activation_need``: bytes of all stored activations in float32
+    (halved when stored in bf16); ``reserve``: device bytes the block needs."""
     dev = resolve_device(device)
     dtype = resolve_search_dtype(search_dtype, dev)
-    store_dtype = dtype  # a bf16 search keeps its activations in bf16 too
+    store_dtype = resolve_activation_dtype(activation_dtype, dtype)
     if dev.type != "cuda":
         return Placement(dev, dtype, torch.device("cpu"), store_dtype, "")
     free, _ = torch.cuda.mem_get_info(dev)

@@ -34,6 +34,7 @@ Output: the stored tensors of every decoder linear (``qweight``, float16 ``scale
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import math
@@ -135,16 +136,16 @@ class SearchLinear(nn.Module):
         self.in_features, self.out_features = k, n
         self.spec, self.act_bits = spec, act_bits
         self.bias = None if linear.bias is None else linear.bias.detach().to(torch.float32)
-        self.register_buffer("gidx", _group_index(k, spec.group_size, dev))
         self.register_buffer("s0", scales.to(dev, torch.float32))  # [G, N]
         z = torch.full_like(self.s0, float(spec.implicit_zero)) if qzeros is None else qzeros.to(dev, torch.float32)
         self.register_buffer("z", z)
         self.qmax = float((1 << spec.bits) - 1)
         codes = unpack_codes(qweight.to(dev), spec.bits).to(torch.float32).t()  # [N, K]
         # base so that the start code is base + r with r in {0, 1}, r = 1 where w/s lies below it
-        ratio = w / self.s0[self.gidx].t() + self.z[self.gidx].t()
+        gidx = _group_index(k, spec.group_size, dev)
+        ratio = w / self.s0[gidx].t() + self.z[gidx].t()
         r = (ratio < codes).to(torch.float32)
-        del ratio, w
+        del ratio, w, gidx
         self.register_buffer("base", (codes - r).to(torch.float16))  # integers in [-1, 255]: exact in float16
         h0 = 0.25 + 0.5 * r  # soft start leaning to the start's decision
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (h0 - _GAMMA) - 1))
@@ -172,8 +173,18 @@ class SearchLinear(nn.Module):
         return torch.clamp(self.base + self.h(), 0, self.qmax)
 
     def weight(self) -> torch.Tensor:
-        s = self.scales()[self.gidx].t()
-        return (self.codes() - self.z[self.gidx].t()) * s
+        """``(codes - zero) * scale`` per group, by broadcasting over a ``[N, G, group]`` view:
+        the same arithmetic per element as gathering each column's scale, but its gradient
+        is a sum over the group (a gather's is a scatter-add, several times slower at 7B widths)."""
+        codes, z, s = self.codes(), self.z.t().unsqueeze(-1), self.scales().t().unsqueeze(-1)  # [N, K], [N, G, 1]
+        n, k = codes.shape
+        g = z.shape[1]
+        gs = -(-k // g)
+        if g * gs == k:
+            return ((codes.view(n, g, gs) - z) * s).view(n, k)
+        # a last group narrower than the others: the per-group values widened to the columns
+        cols = lambda t: t.expand(n, g, gs).reshape(n, g * gs)[:, :k]  # noqa: E731
+        return (codes - cols(z)) * cols(s)
 
     def forward(self, x):
         w = self.cached if self.cached is not None else self.weight()
@@ -237,6 +248,7 @@ class Block:
     def __init__(self, layers: list[nn.Module], linears: tuple[str, ...], placement: Placement | None = None):
         self.layers, self.linear_names = layers, linears
         self.autocast = placement.autocast if placement is not None else contextlib.nullcontext
+        self.dtype = placement.search_dtype if placement is not None else torch.float32
 
     def outputs(self, x: LayerInputs, hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
         h = x.hidden if hidden is None else hidden
@@ -346,7 +358,7 @@ def _searched(block: Block) -> list[SearchLinear]:
 
 def _block_error(block: Block, xs, hidden_q, targets) -> float:
     """Mean relative squared error of the block's output over the samples."""
-    with torch.no_grad(), weights_once(_searched(block), grad=False), block.autocast():
+    with torch.no_grad(), weights_once(_searched(block), False, block.dtype), block.autocast():
         errs = [float(_rel_err(block.outputs(x, h)[-1], t[-1])) for x, h, t in zip(xs, hidden_q, targets)]
     return sum(errs) / max(len(errs), 1)
 
@@ -418,13 +430,26 @@ def gptq_block(block: Block, specs: dict[tuple[int, str], LayerSpec], act_bits, 
     finally:
         for hk in hooks:
             hk.remove()
+    hessians = {key: accs.pop(key).hessian() for key in list(accs)}  # one K x K sum alive at a time
+    # The linears of one group with one spec are solved as one GPTQ problem, their rows stacked:
+    # GPTQ treats rows independently given the Hessian, so this is each one's own solution, with
+    # one Hessian inverse and one column sweep for the group instead of one per linear.
+    jobs: dict[tuple, list[tuple[int, str]]] = {}
+    for i, name, _layer in block.linears():
+        jobs.setdefault((i, leader.get(name, name), specs[(i, name)]), []).append((i, name))
+    uses = collections.Counter((i, lead) for i, lead, _spec in jobs)
     out = {}
-    hessians = {key: acc.hessian() for key, acc in accs.items()}
-    del accs
-    for i, name, layer in block.linears():
-        lin = layer.get_submodule(name)
-        h = hessians[(i, leader.get(name, name))]
-        out[(i, name)] = quantize_gptq(lin.weight.detach(), specs[(i, name)], h, name=name)
+    for (i, lead, spec), members in jobs.items():
+        lins = [block.layers[j].get_submodule(name) for j, name in members]
+        w = lins[0].weight.detach() if len(lins) == 1 else torch.cat([lin.weight.detach() for lin in lins])
+        uses[(i, lead)] -= 1  # a Hessian is freed after its last use (K x K: 0.5 GB at K = 11008)
+        h = hessians.pop((i, lead)) if uses[(i, lead)] == 0 else hessians[(i, lead)]
+        solved = quantize_gptq(w, spec, h, name="+".join(name for _, name in members))
+        del w, h
+        sizes = [lin.out_features for lin in lins]
+        parts = [t.split(sizes, dim=1) if t is not None else [None] * len(sizes) for t in solved]
+        for key, *stored in zip(members, *parts):
+            out[key] = tuple(None if t is None else t.contiguous() for t in stored)
     return out
 
 
@@ -441,15 +466,17 @@ def _layer_weights(ent: list[float], start: int, end: int, on: bool) -> list[flo
 
 
 class weights_once:
-    """Compute each searched layer's weight once for a step or an evaluation, not once per sample."""
+    """Compute each searched layer's weight once for a step or an evaluation, not once per sample,
+    in the search dtype: under bf16 autocast one cast per step instead of one per sample (and one
+    bf16 copy kept for the backward pass instead of one per sample)."""
 
-    def __init__(self, slins: list[SearchLinear], grad: bool):
-        self.slins, self.grad = slins, grad
+    def __init__(self, slins: list[SearchLinear], grad: bool, dtype: torch.dtype = torch.float32):
+        self.slins, self.grad, self.dtype = slins, grad, dtype
 
     def __enter__(self):
         with torch.set_grad_enabled(self.grad):
             for s in self.slins:
-                s.cached = s.weight()
+                s.cached = s.weight().to(self.dtype)
 
     def __exit__(self, *exc):
         for s in self.slins:
@@ -485,7 +512,7 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
     held, train = _split(len(xs), cfg.holdout)
 
     def evaluate() -> float:
-        with weights_once(slins, grad=False):
+        with weights_once(slins, False, block.dtype):
             return _objective(block, _take(xs, held), _take(hidden_q, held), _take(targets, held), weights, head,
                               cfg.kl_weight)
 
@@ -495,7 +522,7 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
         for s in slins:
             s.hard = False
         idx = [train[j] for j in torch.randperm(len(train), generator=gen)[: cfg.batch_samples].tolist()]
-        with weights_once(slins, grad=True):
+        with weights_once(slins, True, block.dtype):
             with block.autocast():
                 loss = sum(_sample_loss(block, xs[j], hidden_q[j], targets[j], weights, head, cfg.kl_weight)
                            for j in idx) / len(idx)
@@ -711,7 +738,7 @@ def qvlm_search(
         t_steps = time.perf_counter() - t_steps
         err_final = _block_error(qblock, *held_out(xs, hidden_q, targets))
 
-        with torch.no_grad(), weights_once(slins, grad=False), P.autocast():
+        with torch.no_grad(), weights_once(slins, False, P.search_dtype), P.autocast():
             hidden_q = [P.store(qblock.outputs(x, h)[-1]) for x, h in zip(xs, hidden_q)]
         hidden_fp = [t[-1] for t in targets]
         for (i, name), sl in zip(specs, slins):

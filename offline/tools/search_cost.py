@@ -165,7 +165,7 @@ def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"),
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            with weights_once(slins, grad=True):
+            with weights_once(slins, True, block.dtype):
                 with block.autocast():
                     loss = _rel_err(block.outputs(sample)[-1], target[0])
                 loss.backward()

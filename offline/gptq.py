@@ -86,32 +86,35 @@ class HessianAccumulator:
         return module.register_forward_pre_hook(lambda _m, args: self.update(args[0]))
 
 
+# Widest input whose Hessian inverse is computed in float64; wider ones in float32 (as
+# llm-compressor does for all): at K = 11008 (LLaVA-7B's down_proj) float64's working set,
+# the damped copy and one more K x K matrix, is 1.9 GB, float32's 0.97 GB.
+FLOAT64_INVERSE_MAX = 8192
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; more damping if needed.
 
-    Damps ``h`` in place (the caller's working copy) and frees each factor once the next one
-    exists: at most two ``K x K`` float64 matrices besides ``h`` are alive (K = 11008 for
-    LLaVA-7B's down_proj: 0.97 GB each)."""
+    Damps ``h`` in place (the caller's working copy); the factor, the inverse and the upper
+    factor of the inverse share one buffer: one ``K x K`` matrix besides ``h`` (and torch's
+    workspace for the inverse) is alive."""
     diag = torch.diagonal(h)
     undamped = diag.clone()
     base = float(undamped.mean())
     d = damp
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(6):
         torch.add(undamped, d * base, out=diag)
-        l, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(l)
-            del l
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
+        u, bad = torch.linalg.cholesky_ex(h)
+        if int(bad) == 0:
+            torch.cholesky_inverse(u, out=u)
+            torch.linalg.cholesky_ex(u, upper=True, out=(u, info))
             if int(info) == 0 and torch.isfinite(u).all():
                 if attempt:
                     warnings.warn(f"GPTQ {name!r}: Hessian not positive definite with damp={damp}; used {d:g}",
                                   stacklevel=3)
                 return u
-            del u
-        else:
-            del l
+        del u
         d = max(d, 1e-6) * 10
     raise FormatError(f"tensor {name!r}: GPTQ Hessian is not positive definite even with damp={d / 10:g}")
 
@@ -132,7 +135,8 @@ def quantize_gptq(
     ``damp`` is relative to the mean Hessian diagonal; ``block_size`` is the lazy
     batch width (rounded to a multiple of the group size when groups are fitted
     on the fly, so the math does not depend on it beyond float rounding).
-    The Hessian inverse is computed in float64, the column sweep in float32.
+    The Hessian inverse is computed in float64 (in float32 for inputs wider than
+    ``FLOAT64_INVERSE_MAX``), the column sweep in float32.
     """
     if weight.dim() != 2:
         raise FormatError(f"tensor {name!r}: expected a 2-D linear weight, got shape {list(weight.shape)}")
@@ -151,7 +155,7 @@ def quantize_gptq(
     # Transposed, [K, N]: each input column of W is a contiguous row, so the per-column steps
     # below run over contiguous N-vectors (several times faster on CPUs than strided columns).
     w = weight.t().to(torch.float32).contiguous()
-    h = hessian.to(device=dev, dtype=torch.float64, copy=True)
+    h = hessian.to(device=dev, dtype=torch.float64 if k <= FLOAT64_INVERSE_MAX else torch.float32, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0

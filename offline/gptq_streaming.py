@@ -82,7 +82,8 @@ def gptq_sequential(
     tensors = {m: _host(quantize_gptq(model.model.get_submodule(ad.transformers_name(m)).weight.detach(),
                                       spec_for(m), accs[m].hessian(), name=m)) for m in vision}
     del accs
-    model.release_input_side()
+    head = [m for m in side if ad.is_lm_head(m)]
+    model.release_input_side(keep_head=bool(head))  # the head only serves its own GPTQ
 
     hidden = [x.hidden for x in xs]
     for i in tqdm(range(model.num_layers), desc="gptq", unit="layer", disable=not progress):
@@ -101,7 +102,6 @@ def gptq_sequential(
             hidden = [P.store(block.outputs(x, h)[-1]) for x, h in zip(xs, hidden)]
         del layer, block, solved
 
-    head = [m for m in side if ad.is_lm_head(m)]
     if head:
         spec = spec_for(head[0])
         acc = HessianAccumulator(model.model.lm_head.in_features, dtype=torch.float32, device=P.device)

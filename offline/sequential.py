@@ -118,25 +118,35 @@ class StreamingModel:
     # ------------------------------------------------------------------ weights
 
     def _load_skeleton(self, raw_config: dict) -> None:
+        """Copy the checkpoint's non-layer tensors into the skeleton one at a time (peak: the
+        skeleton + one tensor, not the skeleton twice as a state dict would hold it)."""
         ad = self.adapter
         layers = f"{ad.layout.text}layers."
-        state = {}
-        for name, info in self.table.items():
-            if name.startswith(layers):
-                continue
-            state[ad.transformers_name(name)] = read_tensor(info).to(torch.float32)
+        targets = self.model.state_dict(keep_vars=True)
+        loaded, unexpected = set(), []
+        with torch.no_grad():
+            for name, info in self.table.items():
+                if name.startswith(layers):
+                    continue
+                tname = ad.transformers_name(name)
+                target = targets.get(tname)
+                if target is None:
+                    unexpected.append(tname)
+                    continue
+                if tuple(target.shape) != tuple(info.shape):
+                    raise FormatError(f"{self.model_dir}: tensor {name!r} has shape {list(info.shape)}, the "
+                                      f"{ad.family.name} config expects {list(target.shape)}")
+                target.copy_(read_tensor(info))
+                loaded.add(tname)
         text_raw = raw_config.get("text_config") or {}
         tie = raw_config.get("tie_word_embeddings", text_raw.get("tie_word_embeddings"))
-        embed = ad.transformers_name(ad.embed_tokens)
-        if "lm_head.weight" not in state and tie:
-            state["lm_head.weight"] = state[embed]
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.startswith(f"{ad.language_model}.layers.")]
+        if tie:
+            self.model.tie_weights()
+            loaded.add("lm_head.weight")
+        missing = [m for m in targets if m not in loaded and not m.startswith(f"{ad.language_model}.layers.")]
         if missing or unexpected:
             raise FormatError(f"{self.model_dir}: checkpoint does not match the {ad.family.name} config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        if tie:
-            self.model.tie_weights()
 
     def layer_tensor_names(self, index: int) -> list[str]:
         prefix = f"{self.adapter.layer_prefix(index)}."
@@ -153,11 +163,12 @@ class StreamingModel:
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         return layer.eval().to(self.placement.device)
 
-    def release_input_side(self) -> int:
+    def release_input_side(self, keep_head: bool = True) -> int:
         """Free every skeleton weight but the final norm's and ``lm_head``'s (tied embeddings stay
-        as ``lm_head``); returns the bytes freed. After it only layers and :meth:`head` work."""
+        as ``lm_head``; ``keep_head=False``: those too); returns the bytes freed. After it only
+        layers and (with the head kept) :meth:`head` work."""
         lm = self.language_model
-        keep = {id(p) for m in (self.model.lm_head, lm.norm) for p in m.parameters()}
+        keep = {id(p) for m in (self.model.lm_head, lm.norm) for p in m.parameters()} if keep_head else set()
         freed = 0
         for p in self.model.parameters():
             if id(p) not in keep and p.numel():

@@ -39,6 +39,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from qvlm_kernels.format import FormatError, LayerSpec
+from qvlm_kernels.format import FormatError, LayerSpec, effective_group_size
 from qvlm_kernels.pack import pack_codes, unpack_codes
 from qvlm_kernels.reference import dequantize, fake_quantize_per_token
 
@@ -78,6 +79,7 @@ class SearchConfig:
     lr_round: float = 5e-2
     lr_scale: float = 1e-3
     eval_every: int = 25
+    patience: int = 0  # stop a block after this many held-out checks without a new best (0: run all iters)
     holdout: float = 0.25  # share of calibration samples that only judge states (see _optimize)
     kl_weight: float = 1.0
     init: str = "gptq"  # or "rtn"
@@ -87,6 +89,12 @@ class SearchConfig:
     vision_iters: int = 40
     vision_lr: float = 1e-4
     seed: int = 0
+    compile: str = "auto"  # the soft weight through torch.compile: on, off, auto (layers >= COMPILE_MIN_WEIGHTS)
+
+    def compiles(self, linear: nn.Linear) -> bool:
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
+        return self.compile == "on" or (self.compile == "auto" and linear.weight.numel() >= COMPILE_MIN_WEIGHTS)
 
 
 @dataclass
@@ -118,6 +126,51 @@ def _group_index(k: int, group_size: int, device=None) -> torch.Tensor:
     return torch.arange(k, device=device) // group_size
 
 
+def _offsets(v: torch.Tensor, hard: bool) -> torch.Tensor:
+    """Rounding offsets in [0, 1] from the logits ``v``: hard ``v >= 0``; soft, the hard value
+    with the rectified sigmoid's gradient."""
+    h = (v >= 0).to(torch.float32)
+    if hard:
+        return h
+    # Train on the hard rounding (the loss is the real quantized error) with the
+    # rectified sigmoid's gradient: a few hundred steps cannot close AdaRound's
+    # soft-to-hard gap, a straight-through estimate has none.
+    soft = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+    return soft + (h - soft).detach()
+
+
+def _per_group(codes: torch.Tensor, z: torch.Tensor, s: torch.Tensor, gs: int) -> torch.Tensor:
+    """``(codes [N, K] - zero) * scale`` with ``z, s [G, N]`` (groups of ``gs`` columns, the last one
+    possibly narrower), by broadcasting over a ``[N, G, gs]``
+    view: the same arithmetic per element as gathering each column's scale, but its gradient is
+    a sum over the group (a gather's is a scatter-add, several times slower at 7B widths)."""
+    z, s = z.t().unsqueeze(-1), s.t().unsqueeze(-1)  # [N, G, 1]
+    n, k = codes.shape
+    g = z.shape[1]
+    if g * gs == k:
+        return ((codes.view(n, g, gs) - z) * s).view(n, k)
+    # a last group narrower than the others: the per-group values widened to the columns
+    cols = lambda t: t.expand(n, g, gs).reshape(n, g * gs)[:, :k]  # noqa: E731
+    return (codes - cols(z)) * cols(s)
+
+
+def _soft_weight(v, log_mult, base, s0, z, qmax: float, gs: int) -> torch.Tensor:
+    """The searched weight in training (soft) mode: what :meth:`SearchLinear.weight` computes."""
+    return _per_group(torch.clamp(base + _offsets(v, False), 0, qmax), z, s0 * torch.exp(log_mult), gs)
+
+
+COMPILE_MIN_WEIGHTS = 1 << 22  # ``compile="auto"``: layers this large (every LLaVA-7B linear; not smol-llava's)
+_compiled: dict[str, Callable | None] = {}
+
+
+def _compiled_soft_weight() -> Callable | None:
+    """``_soft_weight`` through torch.compile (one fused loop per direction: C++ on CPUs, Triton
+    on CUDA), or None once compiling failed here (then the eager ops serve, with one warning)."""
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(_soft_weight, dynamic=False)
+    return _compiled["fn"]
+
+
 class SearchLinear(nn.Module):
     """A linear layer on the qvlm grid with learnable rounding offsets and scale multipliers.
 
@@ -125,10 +178,13 @@ class SearchLinear(nn.Module):
     ``V >= 0``), clamped to the grid; weight = (code - zero) * scale. ``base`` is fixed
     at construction from a starting solution (GPTQ or RTN codes), so the hard start
     reproduces that solution exactly. All state lives on the float linear's device; the
-    float weight itself is not kept (the search never reads it again).
+    float weight itself is not kept (the search never reads it again). ``compile``: build
+    the soft weight with :func:`torch.compile` (the steps' elementwise work, which at 7B widths
+    costs about as much as the matmuls of one sample) instead of eager ops; same values.
     """
 
-    def __init__(self, linear: nn.Linear, spec: LayerSpec, qweight, scales, qzeros, act_bits: int | None):
+    def __init__(self, linear: nn.Linear, spec: LayerSpec, qweight, scales, qzeros, act_bits: int | None,
+                 compile: bool = False):
         super().__init__()
         w = linear.weight.detach().to(torch.float32)
         dev = w.device
@@ -140,6 +196,7 @@ class SearchLinear(nn.Module):
         z = torch.full_like(self.s0, float(spec.implicit_zero)) if qzeros is None else qzeros.to(dev, torch.float32)
         self.register_buffer("z", z)
         self.qmax = float((1 << spec.bits) - 1)
+        self.group = effective_group_size(k, spec.group_size)
         codes = unpack_codes(qweight.to(dev), spec.bits).to(torch.float32).t()  # [N, K]
         # base so that the start code is base + r with r in {0, 1}, r = 1 where w/s lies below it
         gidx = _group_index(k, spec.group_size, dev)
@@ -151,17 +208,8 @@ class SearchLinear(nn.Module):
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (h0 - _GAMMA) - 1))
         self.log_mult = nn.Parameter(torch.zeros_like(self.s0))
         self.hard = True
+        self.compile = compile
         self.cached = None  # weight() shared by the samples of one step (set by weights_once)
-
-    def h(self) -> torch.Tensor:
-        hard = (self.v >= 0).to(torch.float32)
-        if self.hard:
-            return hard
-        # Train on the hard rounding (the loss is the real quantized error) with the
-        # rectified sigmoid's gradient: a few hundred steps cannot close AdaRound's
-        # soft-to-hard gap, a straight-through estimate has none.
-        soft = torch.clamp(torch.sigmoid(self.v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
-        return soft + (hard - soft).detach()
 
     def scales(self) -> torch.Tensor:
         s = self.s0 * torch.exp(self.log_mult)
@@ -170,21 +218,19 @@ class SearchLinear(nn.Module):
         return s
 
     def codes(self) -> torch.Tensor:
-        return torch.clamp(self.base + self.h(), 0, self.qmax)
+        return torch.clamp(self.base + _offsets(self.v, self.hard), 0, self.qmax)
 
     def weight(self) -> torch.Tensor:
-        """``(codes - zero) * scale`` per group, by broadcasting over a ``[N, G, group]`` view:
-        the same arithmetic per element as gathering each column's scale, but its gradient
-        is a sum over the group (a gather's is a scatter-add, several times slower at 7B widths)."""
-        codes, z, s = self.codes(), self.z.t().unsqueeze(-1), self.scales().t().unsqueeze(-1)  # [N, K], [N, G, 1]
-        n, k = codes.shape
-        g = z.shape[1]
-        gs = -(-k // g)
-        if g * gs == k:
-            return ((codes.view(n, g, gs) - z) * s).view(n, k)
-        # a last group narrower than the others: the per-group values widened to the columns
-        cols = lambda t: t.expand(n, g, gs).reshape(n, g * gs)[:, :k]  # noqa: E731
-        return (codes - cols(z)) * cols(s)
+        if self.compile and not self.hard:
+            fn = _compiled_soft_weight()
+            if fn is not None:
+                try:
+                    return fn(self.v, self.log_mult, self.base, self.s0, self.z, self.qmax, self.group)
+                except Exception as e:  # no C++ compiler / Triton here: eager from now on
+                    warnings.warn(f"qvlm search: torch.compile of the soft weight failed ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); using eager ops", stacklevel=2)
+                    _compiled["fn"] = None
+        return _per_group(self.codes(), self.z, self.scales(), self.group)
 
     def forward(self, x):
         w = self.cached if self.cached is not None else self.weight()
@@ -504,7 +550,9 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
     the held-out part (``cfg.holdout``, every k-th sample) is checked every
     ``cfg.eval_every`` steps and at the start, and the best state seen is restored. The
     hold-out keeps a few dozen samples' worth of rounding decisions from being fitted to
-    noise: a state is kept only if it also helps samples it was not trained on.
+    noise: a state is kept only if it also helps samples it was not trained on. With
+    ``cfg.patience`` the block stops after that many checks in a row without a new best
+    (the steps it saves are where the held-out error has stopped improving).
     """
     opt = torch.optim.Adam([{"params": [s.v for s in slins], "lr": cfg.lr_round},
                             {"params": [s.log_mult for s in slins], "lr": cfg.lr_scale}])
@@ -536,6 +584,8 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
             err = evaluate()
             if err < best_err:
                 best_err, best_step, best = err, it, snapshot()
+            elif cfg.patience and (it - best_step) // cfg.eval_every >= cfg.patience:
+                break
     with torch.no_grad():
         for s, (v, lm) in zip(slins, best):
             s.v.copy_(v)
@@ -722,7 +772,8 @@ def qvlm_search(
                    for i, layer in enumerate(layers) for n in layout.linears})
         slins = []  # the float layers become the searched ones: each linear's float weight is freed here
         for (i, name), q in starts.items():
-            sl = SearchLinear(layers[i].get_submodule(name), specs[(i, name)], *q, act_bits)
+            lin = layers[i].get_submodule(name)
+            sl = SearchLinear(lin, specs[(i, name)], *q, act_bits, compile=cfg.compiles(lin))
             _set(layers[i], name, sl)
             slins.append(sl)
         del starts
@@ -746,7 +797,7 @@ def qvlm_search(
         block_reports.append({
             "block": b, "start": start, "end": end, "layer_weights": weights, "smoothing_alpha": alphas,
             "error_rtn": err_rtn, f"error_{cfg.init}": err_init, "error_final": err_final, "objective_final": obj,
-            "best_step": best_step, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "best_step": best_step, "steps": len(losses), "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "seconds": time.perf_counter() - tb, "seconds_steps": t_steps,  # the optimisation steps (+ held-out checks)
         })
         bar.set_postfix(rtn=f"{err_rtn:.3g}", init=f"{err_init:.3g}", final=f"{err_final:.3g}")

@@ -117,9 +117,12 @@ def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, bl
             "skeleton_bytes": 4 * head, "predicted_peak_bytes": max(capture, blocks)}
 
 
-def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"), repeats: int = 2) -> dict:
-    """Seconds of one search step (forward + backward) through one decoder layer on one sample of
-    ``tokens`` tokens, per search dtype that this machine runs natively (best of ``repeats``)."""
+def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"), repeats: int = 2,
+                 samples: int = 4) -> dict:
+    """Seconds of one search step (the soft weights built once, forward + backward of ``samples``
+    samples of ``tokens`` tokens, as ``SearchConfig.batch_samples``) through one decoder layer, per
+    search dtype that this machine runs natively (best of ``repeats``): with eager soft weights,
+    and compiled where the search compiles them (``SearchConfig.compile="auto"``)."""
     import torch
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -128,7 +131,7 @@ def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"),
 
     from ..adapters import LLAMA_STYLE_LAYER
     from ..placement import Placement, resolve_search_dtype
-    from ..qvlm import Block, SearchLinear, _rel_err, _set, weights_once
+    from ..qvlm import Block, SearchConfig, SearchLinear, _rel_err, _set, weights_once
     from ..rtn import quantize_rtn
     from ..sequential import LayerInputs
     from ..testmodels.synthetic import WIDTHS
@@ -141,13 +144,14 @@ def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"),
     layer = LlamaDecoderLayer(cfg, 0).eval().requires_grad_(False)
     w4 = get_scheme("w4a16")
     spec = LayerSpec("w4a16", w4.weight_bits, 128, True, w4.act_bits, w4.act_mode)
-    slins = []
+    slins, auto = [], SearchConfig()
     for name in LLAMA_STYLE_LAYER.linears:
         lin = layer.get_submodule(name)
         torch.nn.init.normal_(lin.weight, std=0.02)
-        sl = SearchLinear(lin, spec, *quantize_rtn(lin.weight, spec, name), None)
+        sl = SearchLinear(lin, spec, *quantize_rtn(lin.weight, spec, name), None, compile=auto.compiles(lin))
         _set(layer, name, sl)
         slins.append(sl)
+    modes = {"seconds": False} | ({"seconds_compiled": True} if any(s.compile for s in slins) else {})
     x = torch.randn(1, tokens, hidden)
     pos = LlamaRotaryEmbedding(cfg)(x, torch.arange(tokens).unsqueeze(0))
     sample = LayerInputs(x, {"position_embeddings": pos, "attention_mask": None, "use_cache": False})
@@ -160,20 +164,22 @@ def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"),
             out[name] = {"skipped": str(e)}
             continue
         block = Block([layer], LLAMA_STYLE_LAYER.linears, Placement(torch.device("cpu"), dtype))
-        for s in slins:
-            s.hard = False
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            with weights_once(slins, True, block.dtype):
-                with block.autocast():
-                    loss = _rel_err(block.outputs(sample)[-1], target[0])
-                loss.backward()
-            best = min(best, time.perf_counter() - t0)
-        out[name] = {"seconds": best}
+        out[name] = {}
+        for key, compiled in modes.items():
+            for s in slins:
+                s.hard, s.compile = False, compiled
+            times = []
+            for _ in range(repeats + compiled):  # a compiled run's first step compiles: not timed
+                t0 = time.perf_counter()
+                with weights_once(slins, True, block.dtype):
+                    with block.autocast():
+                        loss = sum(_rel_err(block.outputs(sample)[-1], target[0]) for _ in range(samples))
+                    loss.backward()
+                times.append(time.perf_counter() - t0)
+            out[name][key] = min(times[1:] if compiled else times)
     if "seconds" in out.get("bfloat16", {}) and "seconds" in out.get("float32", {}):
         out["bf16_speedup"] = out["float32"]["seconds"] / out["bfloat16"]["seconds"]
-    return {"widths": widths, "tokens": tokens, **out}
+    return {"widths": widths, "tokens": tokens, "samples": samples, **out}
 
 
 def run_search_cost(workdir: str | Path, args) -> dict:
@@ -273,8 +279,10 @@ def _print_summary(result: dict) -> None:
               f"{r['checkpoint_bytes'] / 2**30:.2f} |")
     step = result.get("step_seconds_one_layer")
     if step:
-        print(f"one search step, one layer, one sample of {step['tokens']} tokens: "
-              + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in step.items() if isinstance(v, dict) and "seconds" in v)
+        print(f"one search step, one layer, {step['samples']} samples of {step['tokens']} tokens: "
+              + ", ".join(f"{k} {v['seconds']:.2f} s" + (f" ({v['seconds_compiled']:.2f} s compiled)"
+                                                        if "seconds_compiled" in v else "")
+                          for k, v in step.items() if isinstance(v, dict) and "seconds" in v)
               + (f" (bf16 {step['bf16_speedup']:.2f}x faster)" if "bf16_speedup" in step else ""))
     for s in result["summary"]:
         if "seconds_per_layer" not in s:

@@ -86,13 +86,17 @@ def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, bl
     """Predicted peak bytes: max(capture phase, block phase) + the process's import baseline.
 
     capture: vision tower + projector + embeddings + lm_head (float32, the skeleton);
-    block phase: final norm + lm_head (float32) + one block + activations. One block: float32
-    weights of its layers and, for the search, rounding logits + their gradient + two Adam
-    moments + float16 codes base (~4.5 floats per weight), or while its GPTQ start is solved the
-    layers + their Hessians + three float64 K x K matrices of the widest input (down_proj);
-    GPTQ: the layer + its Hessians + those three matrices.
+    block phase: final norm (+ lm_head for the search; gptq frees it) + one block + activations.
+    One block: float32 weights of its layers and, for the search, rounding logits + their
+    gradient + two Adam moments + float16 codes base (~4.5 floats per weight, ~5.5 with the
+    step's weights), or while its GPTQ start is solved the layers + their Hessians + the widest
+    solve; GPTQ: the layer + its Hessians + the widest solve. The widest solve (down_proj): the
+    weight's transposed float32 copy and three K x K matrices of its input (the damped copy,
+    the factor, torch's workspace for the inverse), float64 up to K = 8192, float32 above
+    (:data:`qvlm_offline.gptq.FLOAT64_INVERSE_MAX`).
     Activations: hidden-state copies of every calibration token (gptq 2, qvlm 4 + block layers),
     4 bytes each (2 with a bf16 search)."""
+    from ..gptq import FLOAT64_INVERSE_MAX
     from ..testmodels.synthetic import TOWERS, WIDTHS
 
     hidden, inter, _ = WIDTHS[widths]
@@ -103,18 +107,20 @@ def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, bl
     head = vocab * hidden
     act_bytes = 2 if search_dtype == "bfloat16" else 4
     hessians = 4 * (3 * hidden * hidden + inter * inter)  # float32: qkv, o, gate/up, down
-    inverse = 3 * 8 * inter * inter  # GPTQ of down_proj: float64 H, and two of its Cholesky factors at a time
+    solve = 4 * inter * hidden + 3 * (8 if inter <= FLOAT64_INVERSE_MAX else 4) * inter * inter
     if method == "qvlm":
-        block = max(block_layers * layer * 4 * 5.5, layer * 4 * block_layers + hessians + inverse)
+        block = max(block_layers * layer * 4 * 5.5, layer * 4 * block_layers + hessians + solve)
         copies = 4 + block_layers
+        skeleton = 4 * head
     else:
-        block = layer * 4 + hessians + inverse
+        block = layer * 4 + hessians + solve
         copies = 2
+        skeleton = 0
     acts = tokens * hidden * act_bytes * copies
     capture = 4 * (vision + 2 * head)
-    blocks = 4 * head + block + acts
+    blocks = skeleton + block + acts
     return {"capture_bytes": capture, "block_phase_bytes": blocks, "block_bytes": block, "activation_bytes": acts,
-            "skeleton_bytes": 4 * head, "predicted_peak_bytes": max(capture, blocks)}
+            "skeleton_bytes": skeleton, "predicted_peak_bytes": max(capture, blocks)}
 
 
 def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"), repeats: int = 2,

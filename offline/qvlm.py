@@ -484,7 +484,7 @@ def gptq_block(block: Block, specs: dict[tuple[int, str], LayerSpec], act_bits, 
     for i, name, _layer in block.linears():
         jobs.setdefault((i, leader.get(name, name), specs[(i, name)]), []).append((i, name))
     uses = collections.Counter((i, lead) for i, lead, _spec in jobs)
-    out = {}
+    out = {key: None for key in specs}  # the block's order
     for (i, lead, spec), members in jobs.items():
         lins = [block.layers[j].get_submodule(name) for j, name in members]
         w = lins[0].weight.detach() if len(lins) == 1 else torch.cat([lin.weight.detach() for lin in lins])
@@ -770,13 +770,14 @@ def qvlm_search(
                   if cfg.init == "gptq" else
                   {(i, n): quantize_rtn(layer.get_submodule(n).weight.detach(), specs[(i, n)], n)
                    for i, layer in enumerate(layers) for n in layout.linears})
-        slins = []  # the float layers become the searched ones: each linear's float weight is freed here
+        searched = {}  # the float layers become the searched ones: each linear's float weight is freed here
         for (i, name), q in starts.items():
             lin = layers[i].get_submodule(name)
             sl = SearchLinear(lin, specs[(i, name)], *q, act_bits, compile=cfg.compiles(lin))
             _set(layers[i], name, sl)
-            slins.append(sl)
+            searched[(i, name)] = sl
         del starts
+        slins = list(searched.values())
         qblock = Block(layers, layout.linears, P)
         err_init = _block_error(qblock, *held_out(xs, hidden_q, targets))
         weights = _layer_weights(ent, start, end, cfg.entropy_weighting)
@@ -792,7 +793,7 @@ def qvlm_search(
         with torch.no_grad(), weights_once(slins, False, P.search_dtype), P.autocast():
             hidden_q = [P.store(qblock.outputs(x, h)[-1]) for x, h in zip(xs, hidden_q)]
         hidden_fp = [t[-1] for t in targets]
-        for (i, name), sl in zip(specs, slins):
+        for (i, name), sl in searched.items():
             tensors[f"{names[start + i]}.{name}"] = sl.stored()
         block_reports.append({
             "block": b, "start": start, "end": end, "layer_weights": weights, "smoothing_alpha": alphas,

@@ -31,6 +31,7 @@ from qvlm_kernels.reference import fake_quantize_per_token
 
 from .gptq import HessianAccumulator, quantize_gptq
 from .placement import Placement
+from .report import peak_rss_gib
 from .qvlm import Block, SearchResult, _set, dequantized_linear, gptq_block, input_groups
 from .sequential import StreamingModel
 
@@ -84,6 +85,7 @@ def gptq_sequential(
     del accs
     head = [m for m in side if ad.is_lm_head(m)]
     model.release_input_side(keep_head=bool(head))  # the head only serves its own GPTQ
+    peaks = {"capture": peak_rss_gib(), "layers": []}
 
     hidden = [x.hidden for x in xs]
     for i in tqdm(range(model.num_layers), desc="gptq", unit="layer", disable=not progress):
@@ -101,6 +103,7 @@ def gptq_sequential(
         with P.autocast():
             hidden = [P.store(block.outputs(x, h)[-1]) for x, h in zip(xs, hidden)]
         del layer, block, solved
+        peaks["layers"].append(peak_rss_gib())
 
     if head:
         spec = spec_for(head[0])
@@ -111,6 +114,6 @@ def gptq_sequential(
         q = quantize_gptq(model.model.lm_head.weight.detach(), spec, acc.hessian(), name=head[0])
         tensors[head[0]] = _host(q)
     report = {"method": "gptq", "pipeline": "sequential", "num_samples": len(xs),
-              "tokens": sum(x.tokens for x in xs), "placement": P.describe(),
+              "tokens": sum(x.tokens for x in xs), "placement": P.describe(), "peak_rss_gib_after": peaks,
               "seconds": time.perf_counter() - t_start}
     return SearchResult(tensors, {}, report)

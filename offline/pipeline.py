@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .export import ExportReport, build_quant_config, check_output_dir, export_checkpoint, read_source
+from .report import peak_rss_gib
 
 METHODS = ("rtn", "gptq", "qvlm")
 FORMATS = ("qvlm", "compressed-tensors")
@@ -134,8 +135,10 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
         check_output_dir(src, out, opts.overwrite)
 
     quantize_fn, replaced, report = None, None, {"method": opts.method}
+    peaks = {}  # this process's peak RSS (GiB) after each phase: where the peak was reached
     if opts.method != "rtn":
         inputs = _calibration_inputs(src, opts)
+        peaks["calibration"] = peak_rss_gib()
         placement = _placement(config, table, adapter, inputs, opts)
         if opts.progress:
             print(f"{opts.method}: {placement}", file=sys.stderr)
@@ -149,6 +152,7 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
 
             result = gptq_sequential(src, inputs, qcfg.layer_spec, progress=opts.progress, placement=placement)
         quantize_fn, replaced, report = _quantize_fn(result.tensors, result.replaced), result.replaced, result.report
+        peaks |= report.pop("peak_rss_gib_after", {})
         if placement.device.type == "cuda":
             import torch
 
@@ -159,6 +163,8 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
         quantize_fn=quantize_fn, replace_tensors=replaced, max_shard_size=opts.max_shard_size,
         overwrite=opts.overwrite, progress=opts.progress,
     )
+    peaks["export"] = peak_rss_gib()
     report = dict(report) | {"scheme": opts.scheme, "family": adapter.family.name, "layout": adapter.layout.name,
+                             "peak_rss_gib_after": peaks,
                              "seconds_total": time.perf_counter() - t_start, "num_quantized": len(written.quantized)}
     return QuantizeResult(written, report)

@@ -64,6 +64,7 @@ from .partition import default_threshold, describe_partition, partition_blocks
 from .rtn import quantize_rtn, to_float16_at_least
 from .adapters import DecoderLayout
 from .placement import Placement
+from .report import peak_rss_gib
 from .sequential import LayerInputs, StreamingModel, run_layer
 
 _ZETA, _GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
@@ -725,6 +726,7 @@ def qvlm_search(
     act_bits = specs_all[0][layout.linears[0]].act_bits
     smooth = cfg.smooth if cfg.smooth is not None else act_bits is not None
 
+    peaks = {"capture": peak_rss_gib(), "blocks": []}
     t0 = time.perf_counter()
     bits = measurement_bits(act_bits)
     ent, dep = _profile(model, xs, bits, progress)
@@ -804,7 +806,8 @@ def qvlm_search(
         bar.set_postfix(rtn=f"{err_rtn:.3g}", init=f"{err_init:.3g}", final=f"{err_final:.3g}")
         if cfg.optimize_vision:
             kept_layers.extend(_frozen_layer(layer, act_bits) for layer in layers)
-        del layers, qblock, slins, targets
+        del layers, qblock, slins, targets, searched
+        peaks["blocks"].append(peak_rss_gib())
 
     vision_report = None
     if cfg.optimize_vision:
@@ -826,7 +829,7 @@ def qvlm_search(
                     "dependency_next": dep[i] if i < len(dep) else None} for i in range(len(names))],
         "correlation": entropy_dependency_correlation(ent[:-1], dep) if len(dep) > 1 else None,
         "partition": describe_partition(blocks, names), "blocks": block_reports,
-        "profile_seconds": profile_s, "vision": vision_report, "placement": P.describe(),
+        "profile_seconds": profile_s, "vision": vision_report, "placement": P.describe(), "peak_rss_gib_after": peaks,
         "seconds": time.perf_counter() - t_start,
     }
     return SearchResult(tensors, replaced, report)

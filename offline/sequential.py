@@ -123,21 +123,8 @@ class StreamingModel:
         ad = self.adapter
         layers = f"{ad.layout.text}layers."
         targets = self.model.state_dict(keep_vars=True)
-        loaded, unexpected = set(), []
-        with torch.no_grad():
-            for name, info in self.table.items():
-                if name.startswith(layers):
-                    continue
-                tname = ad.transformers_name(name)
-                target = targets.get(tname)
-                if target is None:
-                    unexpected.append(tname)
-                    continue
-                if tuple(target.shape) != tuple(info.shape):
-                    raise FormatError(f"{self.model_dir}: tensor {name!r} has shape {list(info.shape)}, the "
-                                      f"{ad.family.name} config expects {list(target.shape)}")
-                target.copy_(read_tensor(info))
-                loaded.add(tname)
+        loaded, unexpected = self._copy_in(targets, {ad.transformers_name(n): (n, info) for n, info in self.table.items()
+                                                     if not n.startswith(layers)})
         text_raw = raw_config.get("text_config") or {}
         tie = raw_config.get("tie_word_embeddings", text_raw.get("tie_word_embeddings"))
         if tie:
@@ -148,16 +135,36 @@ class StreamingModel:
             raise FormatError(f"{self.model_dir}: checkpoint does not match the {ad.family.name} config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
 
+    def _copy_in(self, targets: dict, tensors: dict) -> tuple[set[str], list[str]]:
+        """Copy ``tensors`` (module name -> (checkpoint name, info)) into ``targets`` (a state dict
+        with ``keep_vars``) one at a time; returns (loaded names, names without a target)."""
+        loaded, unexpected = set(), []
+        with torch.no_grad():
+            for tname, (name, info) in tensors.items():
+                target = targets.get(tname)
+                if target is None:
+                    unexpected.append(tname)
+                    continue
+                if tuple(target.shape) != tuple(info.shape):
+                    raise FormatError(f"{self.model_dir}: tensor {name!r} has shape {list(info.shape)}, the "
+                                      f"{self.adapter.family.name} config expects {list(target.shape)}")
+                target.copy_(read_tensor(info))
+                loaded.add(tname)
+        return loaded, unexpected
+
     def layer_tensor_names(self, index: int) -> list[str]:
         prefix = f"{self.adapter.layer_prefix(index)}."
         return [n for n in self.table if n.startswith(prefix)]
 
     def load_layer(self, index: int) -> nn.Module:
-        """Decoder layer ``index`` in float32, built from the checkpoint (not kept by this object)."""
+        """Decoder layer ``index`` in float32, built from the checkpoint (not kept by this object;
+        filled one tensor at a time: peak the layer + one tensor)."""
         prefix = f"{self.adapter.layer_prefix(index)}."
         layer = self._layer_cls(self.text_config, index)
-        state = {n[len(prefix):]: read_tensor(self.table[n]).to(torch.float32) for n in self.layer_tensor_names(index)}
-        missing, unexpected = layer.load_state_dict(state, strict=False)
+        targets = layer.state_dict(keep_vars=True)
+        loaded, unexpected = self._copy_in(targets, {n[len(prefix):]: (n, self.table[n])
+                                                     for n in self.layer_tensor_names(index)})
+        missing = [m for m in targets if m not in loaded]
         if missing or unexpected:
             raise FormatError(f"{self.model_dir}: decoder layer {index} tensors do not match "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")

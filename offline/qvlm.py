@@ -209,7 +209,7 @@ class SearchLinear(nn.Module):
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (h0 - _GAMMA) - 1))
         self.log_mult = nn.Parameter(torch.zeros_like(self.s0))
         self.hard = True
-        self.compile = compile
+        self.compiled = compile  # (not "compile": nn.Module.compile is a method)
         self.cached = None  # weight() shared by the samples of one step (set by weights_once)
 
     def scales(self) -> torch.Tensor:
@@ -222,7 +222,7 @@ class SearchLinear(nn.Module):
         return torch.clamp(self.base + _offsets(self.v, self.hard), 0, self.qmax)
 
     def weight(self) -> torch.Tensor:
-        if self.compile and not self.hard:
+        if self.compiled and not self.hard:
             fn = _compiled_soft_weight()
             if fn is not None:
                 try:

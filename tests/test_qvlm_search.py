@@ -129,7 +129,7 @@ def test_soft_weight_paths_agree(k, group_size):
     gidx = _group_index(k, group_size)
 
     def run(compile: bool, gather: bool = False):
-        sl.hard, sl.compile = False, compile
+        sl.hard, sl.compiled = False, compile
         sl.v.grad = sl.log_mult.grad = None
         w = ((sl.codes() - sl.z[gidx].t()) * sl.scales()[gidx].t()) if gather else sl.weight()
         (w * g).sum().backward()

@@ -157,7 +157,7 @@ def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"),
         sl = SearchLinear(lin, spec, *quantize_rtn(lin.weight, spec, name), None, compile=auto.compiles(lin))
         _set(layer, name, sl)
         slins.append(sl)
-    modes = {"seconds": False} | ({"seconds_compiled": True} if any(s.compile for s in slins) else {})
+    modes = {"seconds": False} | ({"seconds_compiled": True} if any(s.compiled for s in slins) else {})
     x = torch.randn(1, tokens, hidden)
     pos = LlamaRotaryEmbedding(cfg)(x, torch.arange(tokens).unsqueeze(0))
     sample = LayerInputs(x, {"position_embeddings": pos, "attention_mask": None, "use_cache": False})
@@ -173,7 +173,7 @@ def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"),
         out[name] = {}
         for key, compiled in modes.items():
             for s in slins:
-                s.hard, s.compile = False, compiled
+                s.hard, s.compiled = False, compiled
             times = []
             for _ in range(repeats + compiled):  # a compiled run's first step compiles: not timed
                 t0 = time.perf_counter()

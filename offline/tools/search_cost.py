@@ -91,8 +91,9 @@ def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, bl
     gradient + two Adam moments + float16 codes base (~4.5 floats per weight, ~5.5 with the
     step's weights), or while its GPTQ start is solved the layers + their Hessians + the widest
     solve; GPTQ: the layer + its Hessians + the widest solve. The widest solve (down_proj): the
-    weight's transposed float32 copy and three K x K matrices of its input (the damped copy,
-    the factor, torch's workspace for the inverse), float64 up to K = 8192, float32 above
+    weight's transposed float32 copy and four K x K matrices of its input at the inverse's
+    peak (the damped copy, the factor, two of torch's temporaries; measured), float64 up to
+    K = 8192, float32 above
     (:data:`qvlm_offline.gptq.FLOAT64_INVERSE_MAX`).
     Activations: hidden-state copies of every calibration token (gptq 2, qvlm 4 + block layers),
     4 bytes each (2 with a bf16 search)."""
@@ -107,7 +108,7 @@ def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, bl
     head = vocab * hidden
     act_bytes = 2 if search_dtype == "bfloat16" else 4
     hessians = 4 * (3 * hidden * hidden + inter * inter)  # float32: qkv, o, gate/up, down
-    solve = 4 * inter * hidden + 3 * (8 if inter <= FLOAT64_INVERSE_MAX else 4) * inter * inter
+    solve = 4 * inter * hidden + 4 * (8 if inter <= FLOAT64_INVERSE_MAX else 4) * inter * inter
     if method == "qvlm":
         block = max(block_layers * layer * 4 * 5.5, layer * 4 * block_layers + hessians + solve)
         copies = 4 + block_layers

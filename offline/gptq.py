@@ -87,8 +87,8 @@ class HessianAccumulator:
 
 
 # Widest input whose Hessian inverse is computed in float64; wider ones in float32 (as
-# llm-compressor does for all): at K = 11008 (LLaVA-7B's down_proj) float64's working set,
-# the damped copy and one more K x K matrix, is 1.9 GB, float32's 0.97 GB.
+# llm-compressor does for all): at K = 11008 (LLaVA-7B's down_proj) the inverse's peak working
+# set, four K x K matrices (see _inverse_cholesky), is 3.9 GB in float64, 1.9 GB in float32.
 FLOAT64_INVERSE_MAX = 8192
 
 
@@ -96,8 +96,8 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; more damping if needed.
 
     Damps ``h`` in place (the caller's working copy); the factor, the inverse and the upper
-    factor of the inverse share one buffer: one ``K x K`` matrix besides ``h`` (and torch's
-    workspace for the inverse) is alive."""
+    factor of the inverse share one buffer. Measured peak: four ``K x K`` matrices (``h``, that
+    buffer and two of torch's temporaries inside the inverse and the second factorization)."""
     diag = torch.diagonal(h)
     undamped = diag.clone()
     base = float(undamped.mean())

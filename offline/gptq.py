@@ -81,39 +81,99 @@ class HessianAccumulator:
             return self._sum.clone()
         return self._sum * (2.0 / self.n_samples)
 
+    def take(self) -> torch.Tensor:
+        """:meth:`hessian` without a copy: the sum is scaled in place and handed over (the
+        accumulator is spent after this; ``K x K`` is 0.5 GB at K = 11008 in float32)."""
+        h, self._sum = self._sum, None
+        if self.n_samples:
+            h.mul_(2.0 / self.n_samples)
+        return h
+
     def register(self, module: torch.nn.Module):
         """Feed this accumulator from ``module``'s forward inputs; returns the hook handle."""
         return module.register_forward_pre_hook(lambda _m, args: self.update(args[0]))
 
 
 # Widest input whose Hessian inverse is computed in float64; wider ones in float32 (as
-# llm-compressor does for all): at K = 11008 (LLaVA-7B's down_proj) the inverse's peak working
-# set, four K x K matrices (see _inverse_cholesky), is 3.9 GB in float64, 1.9 GB in float32.
+# llm-compressor does for all): at K = 11008 (LLaVA-7B's down_proj) one K x K matrix is
+# 0.97 GB in float64, 0.48 GB in float32.
 FLOAT64_INVERSE_MAX = 8192
+
+
+def _finite(t: torch.Tensor, rows: int = 1024) -> bool:
+    """All of ``t`` finite, checked ``rows`` rows at a time (no ``K x K`` mask)."""
+    return all(bool(torch.isfinite(c).all()) for c in t.split(rows))
+
+
+def _mirror_lower_(h: torch.Tensor, block: int = 1024) -> None:
+    """Make ``h`` symmetric from its lower triangle, in place (temporaries of ``block x K``)."""
+    k = h.shape[0]
+    for i0 in range(0, k, block):
+        i1 = min(i0 + block, k)
+        d = h[i0:i1, i0:i1]
+        d.copy_(d.tril() + d.tril(-1).t())
+        if i1 < k:
+            h[i0:i1, i1:].copy_(h[i1:, i0:i1].t())
+
+
+def _lapack_inverse_cholesky_(h: torch.Tensor) -> int:
+    """CPU: ``h`` (C-ordered, symmetric) -> the upper Cholesky factor of its inverse, in place
+    in ``h``'s own memory (LAPACK potrf, potri, potrf); returns LAPACK's ``info`` (0: done).
+
+    The buffer's transpose is a Fortran-ordered view of the same symmetric matrix, so LAPACK
+    works on it without a copy. Each call writes only the Fortran lower triangle (the C upper
+    triangle and the diagonal); the C strict lower triangle keeps ``h``'s values throughout,
+    so a failed attempt can be restored from it (:func:`_mirror_lower_`). On success the
+    Fortran lower factor ``L`` of the inverse reads in C order as ``L^T``: the upper factor."""
+    import numpy as np
+    from scipy.linalg import lapack
+
+    a = h.numpy().T
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (a,))
+    c, info = potrf(a, lower=1, overwrite_a=1, clean=0)
+    if info == 0:
+        c, info = potri(c, lower=1, overwrite_c=1)
+    if info == 0:
+        c, info = potrf(c, lower=1, overwrite_a=1, clean=0)
+    if not np.shares_memory(c, a):  # a SciPy that copied: take its result
+        h.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
+    if info == 0:
+        h.triu_()
+    return int(info)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; more damping if needed.
 
-    Damps ``h`` in place (the caller's working copy); the factor, the inverse and the upper
-    factor of the inverse share one buffer. Measured peak: four ``K x K`` matrices (``h``, that
-    buffer and two of torch's temporaries inside the inverse and the second factorization)."""
+    Consumes ``h`` (the caller's working copy): damped in place, and on a CPU the factor, the
+    inverse and the factor of the inverse are computed in its own memory by LAPACK (no other
+    ``K x K`` matrix: 0.5 GB at K = 11008 in float32). Elsewhere (CUDA) torch's solvers run
+    beside it, their results in one more buffer."""
     diag = torch.diagonal(h)
     undamped = diag.clone()
     base = float(undamped.mean())
     d = damp
+    in_place = h.device.type == "cpu" and h.is_contiguous()
     info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(6):
+        if attempt and in_place:
+            _mirror_lower_(h)  # undo a failed attempt: the C lower triangle still holds H
         torch.add(undamped, d * base, out=diag)
-        u, bad = torch.linalg.cholesky_ex(h)
-        if int(bad) == 0:
-            torch.cholesky_inverse(u, out=u)
-            torch.linalg.cholesky_ex(u, upper=True, out=(u, info))
-            if int(info) == 0 and torch.isfinite(u).all():
-                if attempt:
-                    warnings.warn(f"GPTQ {name!r}: Hessian not positive definite with damp={damp}; used {d:g}",
-                                  stacklevel=3)
-                return u
+        if in_place:
+            ok = _lapack_inverse_cholesky_(h) == 0 and _finite(h)
+            u = h
+        else:
+            u, bad = torch.linalg.cholesky_ex(h)
+            ok = int(bad) == 0
+            if ok:
+                torch.cholesky_inverse(u, out=u)
+                torch.linalg.cholesky_ex(u, upper=True, out=(u, info))
+                ok = int(info) == 0 and _finite(u)
+        if ok:
+            if attempt:
+                warnings.warn(f"GPTQ {name!r}: Hessian not positive definite with damp={damp}; used {d:g}",
+                              stacklevel=3)
+            return u
         del u
         d = max(d, 1e-6) * 10
     raise FormatError(f"tensor {name!r}: GPTQ Hessian is not positive definite even with damp={d / 10:g}")
@@ -129,6 +189,7 @@ def quantize_gptq(
     block_size: int = 128,
     act_order: bool = False,
     name: str = "weight",
+    overwrite_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Dense ``weight [N, K]`` + input Hessian ``[K, K]`` -> stored ``(qweight, scales, qzeros)``.
 
@@ -136,7 +197,9 @@ def quantize_gptq(
     batch width (rounded to a multiple of the group size when groups are fitted
     on the fly, so the math does not depend on it beyond float rounding).
     The Hessian inverse is computed in float64 (in float32 for inputs wider than
-    ``FLOAT64_INVERSE_MAX``), the column sweep in float32.
+    ``FLOAT64_INVERSE_MAX``), the column sweep in float32. ``overwrite_hessian``: the
+    caller's ``hessian`` may serve as the inverse's working memory (no ``K x K`` copy when it
+    is already in the inverse's dtype and on the weight's device); it is garbage afterwards.
     """
     if weight.dim() != 2:
         raise FormatError(f"tensor {name!r}: expected a 2-D linear weight, got shape {list(weight.shape)}")
@@ -146,7 +209,7 @@ def quantize_gptq(
         raise FormatError(f"tensor {name!r}: contains NaN or Inf")
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"tensor {name!r}: Hessian must be [{k}, {k}], got {list(hessian.shape)}")
-    if not torch.isfinite(hessian).all():
+    if not _finite(hessian):
         raise ValueError(f"tensor {name!r}: Hessian contains NaN or Inf")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -155,7 +218,9 @@ def quantize_gptq(
     # Transposed, [K, N]: each input column of W is a contiguous row, so the per-column steps
     # below run over contiguous N-vectors (several times faster on CPUs than strided columns).
     w = weight.t().to(torch.float32).contiguous()
-    h = hessian.to(device=dev, dtype=torch.float64 if k <= FLOAT64_INVERSE_MAX else torch.float32, copy=True)
+    h = hessian.to(device=dev, dtype=torch.float64 if k <= FLOAT64_INVERSE_MAX else torch.float32,
+                   copy=not overwrite_hessian).contiguous()
+    del hessian
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0

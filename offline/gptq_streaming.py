@@ -81,27 +81,32 @@ def gptq_sequential(
         for h in hooks:
             h.remove()
     tensors = {m: _host(quantize_gptq(model.model.get_submodule(ad.transformers_name(m)).weight.detach(),
-                                      spec_for(m), accs[m].hessian(), name=m)) for m in vision}
+                                      spec_for(m), accs.pop(m).take(), name=m, overwrite_hessian=True))
+               for m in vision}
     del accs
     head = [m for m in side if ad.is_lm_head(m)]
     model.release_input_side(keep_head=bool(head))  # the head only serves its own GPTQ
     peaks = {"capture": peak_rss_gib(), "layers": []}
 
+    tokens = sum(x.tokens for x in xs)
     hidden = [x.hidden for x in xs]
+    for x in xs:  # the layers read hidden[j]: one set of activations alive, not layer 0's beside it
+        x.hidden = None
     for i in tqdm(range(model.num_layers), desc="gptq", unit="layer", disable=not progress):
         prefix = ad.layer_prefix(i)
         specs = {(0, n): spec_for(f"{prefix}.{n}") for n in layout.linears}
         if any(s is None for s in specs.values()):
             raise FormatError(f"{prefix}: --method gptq quantizes whole decoder layers; some linears are ignored")
         act_bits = specs[(0, layout.linears[0])].act_bits
-        layer = model.load_layer(i).requires_grad_(False)
+        layer = model.load_layer(i, stored_linears=True).requires_grad_(False)
         block = Block([layer], layout.linears, P)
         solved = gptq_block(block, specs, act_bits, xs, hidden, input_groups(layout))
         for (_, name), q in solved.items():
             tensors[f"{prefix}.{name}"] = _host(q)
             _set(layer, name, dequantized_linear(layer.get_submodule(name), q, specs[(0, name)], act_bits))
         with P.autocast():
-            hidden = [P.store(block.outputs(x, h)[-1]) for x, h in zip(xs, hidden)]
+            for j, x in enumerate(xs):  # replaced one sample at a time: one set of activations alive
+                hidden[j] = P.store(block.outputs(x, hidden[j])[-1])
         del layer, block, solved
         peaks["layers"].append(peak_rss_gib())
 
@@ -111,9 +116,9 @@ def gptq_sequential(
         for h in hidden:
             y = model.language_model.norm(P.fetch(h))
             acc.update(fake_quantize_per_token(y, spec.act_bits) if spec.act_bits else y)
-        q = quantize_gptq(model.model.lm_head.weight.detach(), spec, acc.hessian(), name=head[0])
+        q = quantize_gptq(model.model.lm_head.weight.detach(), spec, acc.take(), name=head[0], overwrite_hessian=True)
         tensors[head[0]] = _host(q)
     report = {"method": "gptq", "pipeline": "sequential", "num_samples": len(xs),
-              "tokens": sum(x.tokens for x in xs), "placement": P.describe(), "peak_rss_gib_after": peaks,
+              "tokens": tokens, "placement": P.describe(), "peak_rss_gib_after": peaks,
               "seconds": time.perf_counter() - t_start}
     return SearchResult(tensors, {}, report)

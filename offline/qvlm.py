@@ -477,7 +477,7 @@ def gptq_block(block: Block, specs: dict[tuple[int, str], LayerSpec], act_bits, 
     finally:
         for hk in hooks:
             hk.remove()
-    hessians = {key: accs.pop(key).hessian() for key in list(accs)}  # one K x K sum alive at a time
+    hessians = {key: accs.pop(key).take() for key in list(accs)}  # scaled in place: no copies
     # The linears of one group with one spec are solved as one GPTQ problem, their rows stacked:
     # GPTQ treats rows independently given the Hessian, so this is each one's own solution, with
     # one Hessian inverse and one column sweep for the group instead of one per linear.
@@ -489,9 +489,10 @@ def gptq_block(block: Block, specs: dict[tuple[int, str], LayerSpec], act_bits, 
     for (i, lead, spec), members in jobs.items():
         lins = [block.layers[j].get_submodule(name) for j, name in members]
         w = lins[0].weight.detach() if len(lins) == 1 else torch.cat([lin.weight.detach() for lin in lins])
-        uses[(i, lead)] -= 1  # a Hessian is freed after its last use (K x K: 0.5 GB at K = 11008)
-        h = hessians.pop((i, lead)) if uses[(i, lead)] == 0 else hessians[(i, lead)]
-        solved = quantize_gptq(w, spec, h, name="+".join(name for _, name in members))
+        uses[(i, lead)] -= 1  # a Hessian's last use solves in its memory (K x K: 0.5 GB at K = 11008)
+        last = uses[(i, lead)] == 0
+        h = hessians.pop((i, lead)) if last else hessians[(i, lead)]
+        solved = quantize_gptq(w, spec, h, name="+".join(name for _, name in members), overwrite_hessian=last)
         del w, h
         sizes = [lin.out_features for lin in lins]
         parts = [t.split(sizes, dim=1) if t is not None else [None] * len(sizes) for t in solved]
@@ -598,7 +599,11 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
 def dequantized_linear(lin: nn.Linear, stored, spec: LayerSpec, act_bits: int | None) -> ActQuantLinear:
     """``lin`` turned in place into the stored math: its weight becomes the dequantized stored
     tensors (no copy of the layer), its input fake-quantized per token as the kernels do."""
-    lin.weight.copy_(dequantize(*(t.to(lin.weight.device) if t is not None else None for t in stored), spec).t())
+    deq = dequantize(*(t.to(lin.weight.device) if t is not None else None for t in stored), spec).t()
+    if lin.weight.dtype == torch.float32:
+        lin.weight.copy_(deq)
+    else:  # a 16-bit StoredLinear: the stored math needs float32 (codes x scales are not 16-bit exact)
+        lin.weight = nn.Parameter(deq.to(torch.float32).contiguous(), requires_grad=False)
     return ActQuantLinear(lin, act_bits)
 
 

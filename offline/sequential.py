@@ -32,13 +32,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qvlm_kernels.checkpoint import read_config, read_tensor, tensor_table
+from qvlm_kernels.checkpoint import SAFETENSORS_DTYPES, read_config, read_tensor, tensor_table
 from qvlm_kernels.format import FormatError
 
 from .adapters import ModelAdapter, UnsupportedModelError, adapter_for
 from .placement import Placement
+
+
+class StoredLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight stays in the checkpoint's 16-bit dtype: cast per call to
+    the input's dtype (the autocast dtype under autocast), so it computes exactly what the
+    float32 weight would, from half the memory. Setting a float32 weight makes it a plain linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x, self.weight.to(dtype), bias)
 
 
 class _Stop(Exception):
@@ -156,11 +168,21 @@ class StreamingModel:
         prefix = f"{self.adapter.layer_prefix(index)}."
         return [n for n in self.table if n.startswith(prefix)]
 
-    def load_layer(self, index: int) -> nn.Module:
+    def load_layer(self, index: int, *, stored_linears: bool = False) -> nn.Module:
         """Decoder layer ``index`` in float32, built from the checkpoint (not kept by this object;
-        filled one tensor at a time: peak the layer + one tensor)."""
+        filled one tensor at a time: peak the layer + one tensor).
+
+        ``stored_linears``: the linear weights keep the checkpoint's 16-bit dtype and compute in
+        float32 (:class:`StoredLinear`: the same outputs as float32 weights, half the memory);
+        for passes that only read the float layer (GPTQ's Hessians)."""
         prefix = f"{self.adapter.layer_prefix(index)}."
         layer = self._layer_cls(self.text_config, index)
+        if stored_linears:
+            for name, lin in layer.named_modules():
+                info = self.table.get(f"{prefix}{name}.weight")
+                if type(lin) is nn.Linear and info is not None and info.dtype in ("BF16", "F16"):
+                    lin.__class__ = StoredLinear  # same state, a forward that upcasts
+                    lin.weight.data = torch.empty(lin.weight.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
         targets = layer.state_dict(keep_vars=True)
         loaded, unexpected = self._copy_in(targets, {n[len(prefix):]: (n, self.table[n])
                                                      for n in self.layer_tensor_names(index)})

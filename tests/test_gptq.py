@@ -12,7 +12,7 @@ from qvlm_kernels.format import LayerSpec, num_groups
 from qvlm_kernels.pack import unpack_codes
 from qvlm_kernels.reference import dequantize
 from qvlm_offline.export import export_checkpoint
-from qvlm_offline.gptq import HessianAccumulator, make_gptq_quantize_fn, quantize_gptq
+from qvlm_offline.gptq import HessianAccumulator, _inverse_cholesky, make_gptq_quantize_fn, quantize_gptq
 from qvlm_offline.rtn import quantize_rtn, rtn_grid
 
 N = 64
@@ -177,6 +177,64 @@ def test_hessian_accumulator_streams_over_tokens():
     assert acc.hessian().dtype == torch.float64
     with pytest.raises(ValueError):
         acc.update(torch.randn(4, 8))
+
+
+def torch_inverse_cholesky(h):
+    """The textbook upper factor of H^-1, by torch's solvers."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_inverse_is_the_upper_factor_of_the_inverse(dtype):
+    """The CPU inverse runs in the Hessian's own memory (LAPACK on a Fortran view) and gives
+    the same factor as torch's out-of-place solvers."""
+    x, _ = correlated(96, tokens=512)
+    h = hessian_of(x).to(dtype)
+    want = torch_inverse_cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(96, dtype=dtype))
+    work = h.clone()
+    ptr = work.data_ptr()
+    u = _inverse_cholesky(work, 0.01, "t")
+    assert u.data_ptr() == ptr and u.dtype == dtype
+    assert torch.equal(u, u.triu())
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(u, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_in_place_inverse_retries_from_the_intact_triangle():
+    """A Hessian that is not positive definite at the first damping: the failed attempt wrote
+    into the buffer, the retry restores H from the other triangle and succeeds with more damping."""
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    h = q @ torch.diag(torch.linspace(-0.05, 3.0, 64, dtype=torch.float64)) @ q.t()
+    h = (h + h.t()) / 2
+    with pytest.warns(UserWarning, match="not positive definite"):
+        u = _inverse_cholesky(h.clone(), 0.01, "t")
+    used = None
+    for d in (0.1, 1.0):  # the damping the retry ends on: the first that factors
+        try:
+            want = torch_inverse_cholesky(h + d * h.diagonal().mean() * torch.eye(64, dtype=torch.float64))
+            used = d
+            break
+        except RuntimeError:
+            continue
+    assert used is not None
+    assert torch.allclose(u, want, rtol=1e-9, atol=1e-9)
+
+
+def test_taken_hessian_and_overwrite_give_the_same_codes():
+    """``take()`` scales the sum in place (no copy); ``overwrite_hessian`` solves in the caller's
+    matrix. Both give exactly the codes of the copying path."""
+    sp = spec(4, 64, False)
+    x, w = correlated(200, n=32)
+    acc = HessianAccumulator(200, dtype=torch.float64)
+    acc.update(x)
+    h = acc.hessian()
+    ptr = acc._sum.data_ptr()
+    taken = acc.take()
+    assert taken.data_ptr() == ptr and torch.equal(taken, h)
+    want = quantize_gptq(w, sp, h)
+    assert torch.equal(h, taken)  # the copying path left the caller's matrix alone
+    assert_same(quantize_gptq(w, sp, taken, overwrite_hessian=True), want)
 
 
 def test_bad_hessian_is_rejected():

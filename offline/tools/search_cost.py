@@ -56,7 +56,8 @@ def _quantize_child(src: Path, out: Path, method: str, samples: int, args, env) 
     report_dir = out.with_name(out.name + "-report")
     cmd = ["-m", "qvlm_offline.cli", "quantize", str(src), str(out), "--scheme", args.scheme,
            "--method", method, "--calib", "easyvqa", "--num-samples", str(samples), "--seed", "0",
-           "--device", args.device, "--search-dtype", args.search_dtype, "--max-shard-size", "512MB",
+           "--device", args.device, "--search-dtype", args.search_dtype,
+           "--activation-dtype", getattr(args, "activation_dtype", "auto"), "--max-shard-size", "512MB",
            "--overwrite", "--quiet", "--report", str(report_dir)]
     if method == "qvlm":
         cmd += ["--iters", str(args.iters), "--max-block-layers", str(args.max_block_layers)]
@@ -225,7 +226,8 @@ def run_search_cost(workdir: str | Path, args) -> dict:
     step = step_seconds(args.widths) if args.device in ("cpu", "auto") and not _cuda() else None
     result = {"machine": _machine(args.threads, args.device), "widths": args.widths, "vision_layers": args.vision_layers,
               "full_depth": FULL_DEPTH[args.widths], "full_vision_depth": CLIP_L_DEPTH, "scheme": args.scheme,
-              "device": args.device, "search_dtype": args.search_dtype, "iters": args.iters,
+              "device": args.device, "search_dtype": args.search_dtype,
+              "activation_dtype": getattr(args, "activation_dtype", "auto"), "iters": args.iters,
               "max_block_layers": args.max_block_layers, "import_baseline_rss_bytes": baseline,
               "runs": rows, "summary": summary, "step_seconds_one_layer": step,
               "command": "qvlm search-cost " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["search-cost"] else sys.argv[1:])}
@@ -334,7 +336,7 @@ def _plot(result: dict, path: Path) -> None:
 
 
 def add_search_cost_args(p: argparse.ArgumentParser) -> None:
-    from ..placement import DEVICES_HELP, SEARCH_DTYPES
+    from ..placement import ACTIVATION_DTYPES, DEVICES_HELP, SEARCH_DTYPES
 
     p.add_argument("--workdir", type=Path, default=Path("qvlm-search-cost"),
                    help="checkpoints, outputs and search_cost.json/png go here (default: ./qvlm-search-cost)")
@@ -356,6 +358,9 @@ def add_search_cost_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-block-layers", type=int, default=2, help="qvlm block size bound (default: 2)")
     p.add_argument("--device", default="auto", help=f"{DEVICES_HELP} (default: auto)")
     p.add_argument("--search-dtype", default="float32", choices=SEARCH_DTYPES, help="(default: float32)")
+    p.add_argument("--activation-dtype", default="auto", choices=ACTIVATION_DTYPES,
+                   help="the calibration activations' storage: auto = the search dtype; bfloat16 halves them "
+                   "(default: auto)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: all CPUs)")
 
 

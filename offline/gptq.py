@@ -37,7 +37,7 @@ over clipping ranges.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -181,7 +181,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_gptq(
-    weight: torch.Tensor,
+    weight: torch.Tensor | Sequence[torch.Tensor],
     spec: LayerSpec,
     hessian: torch.Tensor,
     *,
@@ -193,6 +193,10 @@ def quantize_gptq(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Dense ``weight [N, K]`` + input Hessian ``[K, K]`` -> stored ``(qweight, scales, qzeros)``.
 
+    ``weight`` may be a sequence of ``[N_i, K]`` weights that read the same input: solved as
+    one problem with their rows stacked (each row's solution is the one it would get alone),
+    without a stacked copy in the weights' dtype.
+
     ``damp`` is relative to the mean Hessian diagonal; ``block_size`` is the lazy
     batch width (rounded to a multiple of the group size when groups are fitted
     on the fly, so the math does not depend on it beyond float rounding).
@@ -201,12 +205,15 @@ def quantize_gptq(
     caller's ``hessian`` may serve as the inverse's working memory (no ``K x K`` copy when it
     is already in the inverse's dtype and on the weight's device); it is garbage afterwards.
     """
-    if weight.dim() != 2:
-        raise FormatError(f"tensor {name!r}: expected a 2-D linear weight, got shape {list(weight.shape)}")
-    n, k = weight.shape
+    parts = [weight] if isinstance(weight, torch.Tensor) else list(weight)
+    for part in parts:
+        if part.dim() != 2 or part.shape[1] != parts[0].shape[1]:
+            raise FormatError(f"tensor {name!r}: expected 2-D linear weights of one input width, got shapes "
+                              f"{[list(p.shape) for p in parts]}")
+        if not torch.isfinite(part).all():
+            raise FormatError(f"tensor {name!r}: contains NaN or Inf")
+    n, k = sum(p.shape[0] for p in parts), parts[0].shape[1]
     spec.check_shape(k, where=f"tensor {name!r}: ")
-    if not torch.isfinite(weight).all():
-        raise FormatError(f"tensor {name!r}: contains NaN or Inf")
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"tensor {name!r}: Hessian must be [{k}, {k}], got {list(hessian.shape)}")
     if not _finite(hessian):
@@ -214,10 +221,15 @@ def quantize_gptq(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
-    dev = weight.device
+    dev = parts[0].device
     # Transposed, [K, N]: each input column of W is a contiguous row, so the per-column steps
     # below run over contiguous N-vectors (several times faster on CPUs than strided columns).
-    w = weight.t().to(torch.float32).contiguous()
+    w = torch.empty(k, n, dtype=torch.float32, device=dev)
+    row = 0
+    for part in parts:
+        w[:, row:row + part.shape[0]].copy_(part.t())
+        row += part.shape[0]
+    del parts, weight
     h = hessian.to(device=dev, dtype=torch.float64 if k <= FLOAT64_INVERSE_MAX else torch.float32,
                    copy=not overwrite_hessian).contiguous()
     del hessian

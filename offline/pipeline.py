@@ -15,7 +15,6 @@ in memory (every calibrated method streams one decoder layer or block at a time)
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import time
 import warnings
@@ -70,29 +69,21 @@ def _calibration_inputs(src: Path, opts: QuantizeOptions) -> list[dict]:
 
 
 def _placement(config: dict, table: dict, adapter, inputs: list[dict], opts: QuantizeOptions):
-    """The run's device/precision/activation store, from the sizes this run will hold.
-
-    Stored activations: hidden-state copies of every calibration token (GPTQ: the layer's
-    inputs and outputs; the search: inputs, float and quantized paths, one target per
-    block layer, the smoothing pass); the block on the device: its parameters with the
-    search's state (rounding logits, their gradient and Adam moments, codes: ~6 floats
-    per weight). ``config, table, adapter``: what :func:`~qvlm_offline.export.read_source` read."""
+    """The run's device/precision/activation store, from the sizes this run will hold
+    (:func:`~qvlm_offline.placement.memory_estimate`: the block on the device, the stored
+    activations). ``config, table, adapter``: what :func:`~qvlm_offline.export.read_source` read."""
     import torch
 
-    from .placement import activation_bytes, choose_placement
+    from .placement import choose_placement, layer_shape, memory_estimate, skeleton_params
 
     text = config.get("text_config") or config
-    hidden = int(text["hidden_size"])
-    tokens = sum(int(inp["input_ids"].shape[-1]) for inp in inputs)
-    prefix = f"{adapter.layer_prefix(0)}."
-    layer_params = sum(math.prod(info.shape) for n, info in table.items() if n.startswith(prefix))
-    if opts.method == "qvlm":
-        block = int(opts.search.get("max_block_layers", 2))
-        copies, reserve = 4 + block, 6 * 4 * layer_params * block
-    else:
-        copies, reserve = 2, 2 * 4 * layer_params
-    return choose_placement(opts.device, opts.search_dtype, activation_dtype=opts.activation_dtype, reserve=reserve,
-                            activation_need=activation_bytes(tokens, hidden, copies, torch.float32))
+    capture, head = skeleton_params(table, adapter)
+    est = memory_estimate(opts.method, layer_shape(table, adapter), hidden=int(text["hidden_size"]),
+                          tokens=sum(int(inp["input_ids"].shape[-1]) for inp in inputs), store_dtype=torch.float32,
+                          capture_params=capture, head_params=head,
+                          block_layers=int(opts.search.get("max_block_layers", 2)))
+    return choose_placement(opts.device, opts.search_dtype, activation_dtype=opts.activation_dtype,
+                            reserve=est["block_bytes"] + est["skeleton_bytes"], activation_need=est["activation_bytes"])
 
 
 def _quantize_fn(tensors: dict, replaced: dict):

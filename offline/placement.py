@@ -167,3 +167,100 @@ def choose_placement(device: str | torch.device = "auto", search_dtype: str = "f
     return Placement(dev, dtype, torch.device("cpu"), store_dtype,
                      f"{need / 2**30:.2f} GiB of activations exceed half of the {free / 2**30:.1f} GiB free "
                      f"after the block's {reserve / 2**30:.2f} GiB")
+
+
+# ----------------------------------------------------------------------------- memory estimate
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the memory estimate needs of one decoder layer (read off the checkpoint's table)."""
+
+    params: int  # all of the layer's weights
+    linear_params: int  # the quantized linears' weights
+    stored_bytes: int  # their bytes as the checkpoint stores them (16-bit: 2 per weight)
+    solves: tuple[tuple[int, int, int], ...]  # GPTQ problems, layer order: (inputs K, rows N, linears)
+
+
+def layer_shape(table: dict, adapter, index: int = 0) -> LayerShape:
+    """Decoder layer ``index`` of a checkpoint (``table``: name -> TensorInfo; ``adapter``: its
+    ModelAdapter). The GPTQ problems are the layout's input groups, one per group (q/k/v
+    stacked), other linears alone, in the layer's order (as :func:`qvlm_offline.qvlm.gptq_block`)."""
+    import math
+
+    prefix = f"{adapter.layer_prefix(index)}."
+    layout = adapter.decoder
+    params = sum(math.prod(info.shape) for n, info in table.items() if n.startswith(prefix))
+    w = {n: table[f"{prefix}{n}.weight"] for n in layout.linears}
+    leader = {n: g.linears[0] for g in layout.groups for n in g.linears}
+    solves: dict[str, list[int]] = {}
+    for n in layout.linears:
+        k_n = solves.setdefault(leader.get(n, n), [w[n].shape[1], 0, 0])
+        k_n[1] += w[n].shape[0]
+        k_n[2] += 1
+    return LayerShape(params, sum(math.prod(i.shape) for i in w.values()), sum(i.nbytes for i in w.values()),
+                      tuple(tuple(v) for v in solves.values()))
+
+
+def skeleton_params(table: dict, adapter) -> tuple[int, int]:
+    """(all non-layer weights, the head's: lm_head or, tied, the token embeddings) of a checkpoint."""
+    import math
+
+    layers = f"{adapter.layout.text}layers."
+    rest = {n: math.prod(i.shape) for n, i in table.items() if not n.startswith(layers)}
+    head = sum(v for n, v in rest.items() if adapter.is_lm_head(n.rpartition(".")[0])) or rest.get(adapter.embed_tokens, 0)
+    return sum(rest.values()), head
+
+
+def _inverse_bytes(k: int) -> int:
+    from .gptq import FLOAT64_INVERSE_MAX
+
+    return 8 * k * k if k <= FLOAT64_INVERSE_MAX else 0  # a float64 working copy; wider: in place
+
+
+def _gptq_phase(layers: int, layer: LayerShape, layer_bytes: int) -> int:
+    """Peak of GPTQ on ``layers`` layers held in ``layer_bytes`` each (gptq_block): the Hessians
+    accumulated together (float32), then solved widest input first, each freed after its solve.
+    A solve holds its Hessian (float32, used in place above FLOAT64_INVERSE_MAX; a float64 copy
+    up to it), the problem's weights transposed in float32 and its codes; the packed results
+    of the solves before it stay."""
+    solves = sorted(list(layer.solves) * layers, key=lambda s: -s[0])
+    hess = [4 * k * k for k, _, _ in solves]
+    peak = sum(hess)
+    packed = 0
+    for j, (k, n, _count) in enumerate(solves):
+        peak = max(peak, sum(hess[j:]) + _inverse_bytes(k) + 5 * k * n + packed)
+        packed += k * n // 2
+    return layers * layer_bytes + peak
+
+
+def memory_estimate(method: str, layer: LayerShape, *, tokens: int, hidden: int, store_dtype: torch.dtype,
+                    capture_params: int, head_params: int, block_layers: int = 1) -> dict:
+    """Predicted peak bytes of a streamed calibration run (without the process's imports): the
+    larger of the capture phase and the block phase. The one account of what a run holds,
+    used for the activation store's placement and by ``qvlm search-cost``'s formula.
+
+    - capture: the skeleton in float32 (``capture_params``: vision tower, projector,
+      embeddings, final norm, lm_head).
+    - block phase, ``--method gptq``: one layer with its linears in their stored dtype
+      (:class:`~qvlm_offline.sequential.StoredLinear`) during GPTQ (:func:`_gptq_phase`), in
+      float32 once dequantized, plus the packed results; one set of activations.
+    - block phase, ``--method qvlm``: lm_head + final norm (float32, the last block's KL);
+      the block's layers in float32 with the search state (rounding logits, their gradient,
+      two Adam moments, the float16 codes base and the step's weights: ~5.5 floats per weight)
+      or, while its GPTQ start is solved, the layers + :func:`_gptq_phase`; 4 + ``block_layers``
+      sets of activations (inputs, float and quantized paths, one target per block layer).
+    Activations: ``tokens x hidden`` per set, in the store's dtype."""
+    act = torch.empty((), dtype=store_dtype).element_size() * tokens * hidden
+    float_layer = 4 * layer.params
+    if method == "qvlm":
+        block = max(int(block_layers * float_layer * 5.5), _gptq_phase(block_layers, layer, float_layer))
+        skeleton, sets = 4 * head_params, 4 + block_layers
+    else:
+        rest = 4 * (layer.params - layer.linear_params)
+        block = max(_gptq_phase(1, layer, layer.stored_bytes + rest),
+                    float_layer + layer.linear_params // 2)
+        skeleton, sets = 0, 1
+    acts = act * sets
+    capture = 4 * capture_params + act
+    return {"capture_bytes": capture, "block_bytes": block, "activation_bytes": acts, "skeleton_bytes": skeleton,
+            "block_phase_bytes": skeleton + block + acts, "predicted_peak_bytes": max(capture, skeleton + block + acts)}

@@ -486,9 +486,12 @@ def gptq_block(block: Block, specs: dict[tuple[int, str], LayerSpec], act_bits, 
         jobs.setdefault((i, leader.get(name, name), specs[(i, name)]), []).append((i, name))
     uses = collections.Counter((i, lead) for i, lead, _spec in jobs)
     out = {key: None for key in specs}  # the block's order
-    for (i, lead, spec), members in jobs.items():
+    # Widest inputs first (the solves are independent): the largest Hessian (down_proj's, K x K
+    # at K = 11008) is solved while only the small ones are alive, and freed first.
+    order = sorted(jobs.items(), key=lambda kv: -hessians[kv[0][:2]].shape[0])
+    for (i, lead, spec), members in order:
         lins = [block.layers[j].get_submodule(name) for j, name in members]
-        w = lins[0].weight.detach() if len(lins) == 1 else torch.cat([lin.weight.detach() for lin in lins])
+        w = [lin.weight.detach() for lin in lins]
         uses[(i, lead)] -= 1  # a Hessian's last use solves in its memory (K x K: 0.5 GB at K = 11008)
         last = uses[(i, lead)] == 0
         h = hessians.pop((i, lead)) if last else hessians[(i, lead)]

@@ -271,3 +271,15 @@ def test_plugs_into_the_exporter(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(read_tensor(a[name]), read_tensor(b[name])), name
+
+
+def test_a_sequence_of_weights_is_their_stacked_rows():
+    """Linears that read one input are one problem: a list of weights gives exactly what their
+    stacked rows give, without the caller stacking them (16-bit weights upcast the same way)."""
+    sp = spec(4, 64, False)
+    x, w = correlated(200, n=48)
+    parts = [w[:16].to(torch.bfloat16), w[16:].to(torch.bfloat16)]
+    h = hessian_of(x)
+    assert_same(quantize_gptq(parts, sp, h), quantize_gptq(torch.cat(parts), sp, h))
+    with pytest.raises(Exception, match="one input width"):
+        quantize_gptq([w, w[:, :100]], sp, h)

@@ -39,8 +39,23 @@ def test_summary_slope_and_intercept():
     assert abs(q["seconds_per_layer_at_150_steps"] - (20 + 2 * 140)) < 1e-9
 
 
-def test_memory_formula_block_phase_independent_of_depth_and_bf16_halves_activations():
-    a = memory_formula("7b", 2, 32 * 600, "qvlm", 2, "float32")
-    b = memory_formula("7b", 2, 32 * 600, "qvlm", 2, "bfloat16")
-    assert b["activation_bytes"] * 2 == a["activation_bytes"]
-    assert a["skeleton_bytes"] == 4 * 32064 * 4096
+def test_memory_formula_block_phase_independent_of_depth_and_bf16_halves_activations(tmp_path):
+    from qvlm_offline.testmodels.synthetic import TOWERS, write_random_llava
+
+    est = {}
+    for layers in (1, 3):
+        src = tmp_path / f"L{layers}"
+        write_random_llava(src, hidden=256, intermediate=512, heads=4, layers=layers, vision_layers=1,
+                           vision=TOWERS["tiny"])
+        for method in ("gptq", "qvlm"):
+            for dtype in ("float32", "bfloat16"):
+                est[layers, method, dtype] = memory_formula(src, 1000, method, 2, dtype)
+    for method in ("gptq", "qvlm"):
+        a, b = est[1, method, "float32"], est[1, method, "bfloat16"]
+        assert b["activation_bytes"] * 2 == a["activation_bytes"]
+        assert a["block_phase_bytes"] == est[3, method, "float32"]["block_phase_bytes"]
+    assert est[1, "qvlm", "float32"]["skeleton_bytes"] == 4 * 32064 * 256  # lm_head kept for the last block's KL
+    assert est[1, "gptq", "float32"]["skeleton_bytes"] == 0
+    # gptq's layer: the 16-bit stored linears during the solves, float32 once dequantized
+    lin = 4 * 256 * 256 + 3 * 256 * 512
+    assert est[1, "gptq", "float32"]["block_bytes"] >= 4 * lin

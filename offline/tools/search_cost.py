@@ -82,47 +82,24 @@ def _quantize_child(src: Path, out: Path, method: str, samples: int, args, env) 
     return row
 
 
-def memory_formula(widths: str, vision_layers: int, tokens: int, method: str, block_layers: int,
-                   search_dtype: str) -> dict:
-    """Predicted peak bytes: max(capture phase, block phase) + the process's import baseline.
+def memory_formula(src: str | Path, tokens: int, method: str, block_layers: int, activation_dtype: str) -> dict:
+    """Predicted peak bytes of ``method`` on the checkpoint ``src`` (without the import
+    baseline): :func:`qvlm_offline.placement.memory_estimate`, the account the pipeline places
+    its activations by, on the shapes read from ``src``'s tensor table."""
+    import torch
 
-    capture: vision tower + projector + embeddings + lm_head (float32, the skeleton);
-    block phase: final norm (+ lm_head for the search; gptq frees it) + one block + activations.
-    One block: float32 weights of its layers and, for the search, rounding logits + their
-    gradient + two Adam moments + float16 codes base (~4.5 floats per weight, ~5.5 with the
-    step's weights), or while its GPTQ start is solved the layers + their Hessians + the widest
-    solve; GPTQ: the layer + its Hessians + the widest solve. The widest solve (down_proj): the
-    weight's transposed float32 copy and four K x K matrices of its input at the inverse's
-    peak (the damped copy, the factor, two of torch's temporaries; measured), float64 up to
-    K = 8192, float32 above
-    (:data:`qvlm_offline.gptq.FLOAT64_INVERSE_MAX`).
-    Activations: hidden-state copies of every calibration token (gptq 2, qvlm 4 + block layers),
-    4 bytes each (2 with a bf16 search)."""
-    from ..gptq import FLOAT64_INVERSE_MAX
-    from ..testmodels.synthetic import TOWERS, WIDTHS
+    from qvlm_kernels.checkpoint import read_config, tensor_table
 
-    hidden, inter, _ = WIDTHS[widths]
-    vocab = 32064
-    layer = 4 * hidden * hidden + 3 * hidden * inter
-    v = TOWERS[widths]["hidden_size"]
-    vision = vision_layers * (4 * v * v + 2 * v * TOWERS[widths]["intermediate_size"]) + v * hidden + hidden * hidden
-    head = vocab * hidden
-    act_bytes = 2 if search_dtype == "bfloat16" else 4
-    hessians = 4 * (3 * hidden * hidden + inter * inter)  # float32: qkv, o, gate/up, down
-    solve = 4 * inter * hidden + 4 * (8 if inter <= FLOAT64_INVERSE_MAX else 4) * inter * inter
-    if method == "qvlm":
-        block = max(block_layers * layer * 4 * 5.5, layer * 4 * block_layers + hessians + solve)
-        copies = 4 + block_layers
-        skeleton = 4 * head
-    else:
-        block = layer * 4 + hessians + solve
-        copies = 2
-        skeleton = 0
-    acts = tokens * hidden * act_bytes * copies
-    capture = 4 * (vision + 2 * head)
-    blocks = skeleton + block + acts
-    return {"capture_bytes": capture, "block_phase_bytes": blocks, "block_bytes": block, "activation_bytes": acts,
-            "skeleton_bytes": skeleton, "predicted_peak_bytes": max(capture, blocks)}
+    from ..adapters import adapter_for
+    from ..placement import layer_shape, memory_estimate, skeleton_params
+
+    table, config = tensor_table(src), read_config(src)
+    adapter = adapter_for(src, config=config, tensor_names=table)
+    capture, head = skeleton_params(table, adapter)
+    text = config.get("text_config") or config
+    store = torch.bfloat16 if activation_dtype == "bfloat16" else torch.float32
+    return memory_estimate(method, layer_shape(table, adapter), tokens=tokens, hidden=int(text["hidden_size"]),
+                           store_dtype=store, capture_params=capture, head_params=head, block_layers=block_layers)
 
 
 def step_seconds(widths: str, tokens: int = 600, dtypes=("float32", "bfloat16"), repeats: int = 2,
@@ -215,8 +192,8 @@ def run_search_cost(workdir: str | Path, args) -> dict:
                 row = _quantize_child(src, work / f"out-L{layers}-{method}-{samples}", method, samples, args, env)
                 row |= {"layers": layers, "checkpoint_bytes": size}
                 if row["rc"] == 0 and row.get("tokens"):
-                    row["formula"] = memory_formula(args.widths, args.vision_layers, row["tokens"], method,
-                                                    args.max_block_layers, args.search_dtype)
+                    store = args.activation_dtype if args.activation_dtype != "auto" else args.search_dtype
+                    row["formula"] = memory_formula(src, row["tokens"], method, args.max_block_layers, store)
                     row["formula"]["predicted_peak_bytes"] += baseline
                 print(f"  wall {row['wall_s']:.0f} s, cpu {row['cpu_s']:.0f} s, peak RSS "
                       f"{row['peak_rss_bytes'] / 2**30:.2f} GiB" + (f", FAILED rc={row['rc']}" if row["rc"] else ""),

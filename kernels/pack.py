@@ -11,18 +11,28 @@ import torch
 from .format import FormatError
 
 _NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # row j of a word -> bits 4j..4j+3
+_BAND_ELEMENTS = 1 << 23  # codes packed per band (pack_int4's temporaries: 2 x 32 MB of int32)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """``[K, N]`` codes in ``[0, 15]`` -> ``int32 [K/8, N]``, 8 rows per word (row 8i+j in nibble j)."""
+    """``[K, N]`` codes in ``[0, 15]`` -> ``int32 [K/8, N]``, 8 rows per word (row 8i+j in nibble j).
+
+    Packed a band of rows at a time: the int32 temporaries stay near 32 MB whatever the
+    layer's size (a whole-tensor pass would hold two int32 copies of the codes, 8x their size)."""
     if codes.dim() != 2 or codes.shape[0] % 8:
         raise FormatError(f"pack_int4 needs [K, N] codes with K % 8 == 0, got shape {tuple(codes.shape)}")
     k, n = codes.shape
-    c = codes.to(torch.int32).reshape(k // 8, 8, n)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) > 15):
-        raise FormatError("pack_int4: codes must lie in [0, 15]")
-    # Sum of disjoint shifted nibbles == bitwise OR; int32 wraps for the top nibble as intended.
-    return (c << _NIBBLE_SHIFTS.to(c.device).view(1, 8, 1)).sum(dim=1, dtype=torch.int32)
+    out = torch.empty(k // 8, n, dtype=torch.int32, device=codes.device)
+    shifts = _NIBBLE_SHIFTS.to(codes.device).view(1, 8, 1)
+    words = max(1, _BAND_ELEMENTS // max(8 * n, 1))
+    for w0 in range(0, k // 8, words):
+        w1 = min(w0 + words, k // 8)
+        c = codes[8 * w0:8 * w1].to(torch.int32).reshape(w1 - w0, 8, n)
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) > 15):
+            raise FormatError("pack_int4: codes must lie in [0, 15]")
+        # Sum of disjoint shifted nibbles == bitwise OR; int32 wraps for the top nibble as intended.
+        torch.sum(c << shifts, dim=1, dtype=torch.int32, out=out[w0:w1])
+    return out
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:

@@ -210,7 +210,7 @@ def quantize_gptq(
         if part.dim() != 2 or part.shape[1] != parts[0].shape[1]:
             raise FormatError(f"tensor {name!r}: expected 2-D linear weights of one input width, got shapes "
                               f"{[list(p.shape) for p in parts]}")
-        if not torch.isfinite(part).all():
+        if not _finite(part):
             raise FormatError(f"tensor {name!r}: contains NaN or Inf")
     n, k = sum(p.shape[0] for p in parts), parts[0].shape[1]
     spec.check_shape(k, where=f"tensor {name!r}: ")
@@ -298,7 +298,7 @@ def quantize_gptq(
             e = (x - (q - z_col) * s_col) / u1[i, i]
             w1[i:] -= u1[i, i:].unsqueeze(1) * e.unsqueeze(0)
             err1[i] = e
-        w[i2:] -= u[i1:i2, i2:].t() @ err1
+        w[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1.0)  # in place: no [K, N] temporary
 
     if perm is not None:
         inv = torch.empty_like(perm)

@@ -21,7 +21,7 @@ What it does not do: choose blocks, smooth, or optimise rounding (that is
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 import torch
 from tqdm import tqdm
@@ -61,9 +61,12 @@ def gptq_sequential(
     *,
     progress: bool = True,
     placement: Placement | None = None,
+    store: MutableMapping | None = None,
 ) -> SearchResult:
     """GPTQ of every linear the config quantizes, decoder layers streamed one at a time
-    (``placement``: device, precision of the passes, activation store; default CPU, float32)."""
+    (``placement``: device, precision of the passes, activation store; default CPU, float32).
+    ``store``: where each finished linear's stored tensors go (default a dict in memory;
+    :class:`~qvlm_offline.spill.SpilledTensors` keeps them on disk, so memory stays flat in depth)."""
     t_start = time.perf_counter()
     model = StreamingModel(model_dir, placement=placement)
     P = model.placement
@@ -80,9 +83,10 @@ def gptq_sequential(
     finally:
         for h in hooks:
             h.remove()
-    tensors = {m: _host(quantize_gptq(model.model.get_submodule(ad.transformers_name(m)).weight.detach(),
-                                      spec_for(m), accs.pop(m).take(), name=m, overwrite_hessian=True))
-               for m in vision}
+    tensors = {} if store is None else store
+    for m in vision:
+        tensors[m] = _host(quantize_gptq(model.model.get_submodule(ad.transformers_name(m)).weight.detach(),
+                                         spec_for(m), accs.pop(m).take(), name=m, overwrite_hessian=True))
     del accs
     head = [m for m in side if ad.is_lm_head(m)]
     model.release_input_side(keep_head=bool(head))  # the head only serves its own GPTQ

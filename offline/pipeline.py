@@ -14,6 +14,7 @@ in memory (every calibrated method streams one decoder layer or block at a time)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from .export import ExportReport, build_quant_config, check_output_dir, export_checkpoint, read_source
 from .report import peak_rss_gib
+from .spill import SpilledTensors
 
 METHODS = ("rtn", "gptq", "qvlm")
 FORMATS = ("qvlm", "compressed-tensors")
@@ -127,33 +129,38 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
 
     quantize_fn, replaced, report = None, None, {"method": opts.method}
     peaks = {}  # this process's peak RSS (GiB) after each phase: where the peak was reached
-    if opts.method != "rtn":
-        inputs = _calibration_inputs(src, opts)
-        peaks["calibration"] = peak_rss_gib()
-        placement = _placement(config, table, adapter, inputs, opts)
-        if opts.progress:
-            print(f"{opts.method}: {placement}", file=sys.stderr)
-        if opts.method == "qvlm":
-            from .qvlm import SearchConfig, qvlm_search
+    with contextlib.ExitStack() as scratch:
+        if opts.method != "rtn":
+            inputs = _calibration_inputs(src, opts)
+            peaks["calibration"] = peak_rss_gib()
+            placement = _placement(config, table, adapter, inputs, opts)
+            if opts.progress:
+                print(f"{opts.method}: {placement}", file=sys.stderr)
+            # finished layers wait on disk beside the output, not in memory, until the export
+            store = scratch.enter_context(SpilledTensors(out.resolve().parent))
+            if opts.method == "qvlm":
+                from .qvlm import SearchConfig, qvlm_search
 
-            result = qvlm_search(src, inputs, qcfg.layer_spec, SearchConfig(**opts.search), progress=opts.progress,
-                                 placement=placement)
-        else:
-            from .gptq_streaming import gptq_sequential
+                result = qvlm_search(src, inputs, qcfg.layer_spec, SearchConfig(**opts.search),
+                                     progress=opts.progress, placement=placement, store=store)
+            else:
+                from .gptq_streaming import gptq_sequential
 
-            result = gptq_sequential(src, inputs, qcfg.layer_spec, progress=opts.progress, placement=placement)
-        quantize_fn, replaced, report = _quantize_fn(result.tensors, result.replaced), result.replaced, result.report
-        peaks |= report.pop("peak_rss_gib_after", {})
-        if placement.device.type == "cuda":
-            import torch
+                result = gptq_sequential(src, inputs, qcfg.layer_spec, progress=opts.progress, placement=placement,
+                                         store=store)
+            del inputs
+            quantize_fn, replaced, report = _quantize_fn(result.tensors, result.replaced), result.replaced, result.report
+            peaks |= report.pop("peak_rss_gib_after", {})
+            if placement.device.type == "cuda":
+                import torch
 
-            report = report | {"peak_device_bytes": torch.cuda.max_memory_allocated(placement.device)}
-    written = export(
-        src, out, scheme=opts.scheme, group_size=opts.group_size, symmetric=opts.symmetric,
-        quantize_vision=opts.quantize_vision, quantize_lm_head=opts.quantize_lm_head, method=opts.method,
-        quantize_fn=quantize_fn, replace_tensors=replaced, max_shard_size=opts.max_shard_size,
-        overwrite=opts.overwrite, progress=opts.progress,
-    )
+                report = report | {"peak_device_bytes": torch.cuda.max_memory_allocated(placement.device)}
+        written = export(
+            src, out, scheme=opts.scheme, group_size=opts.group_size, symmetric=opts.symmetric,
+            quantize_vision=opts.quantize_vision, quantize_lm_head=opts.quantize_lm_head, method=opts.method,
+            quantize_fn=quantize_fn, replace_tensors=replaced, max_shard_size=opts.max_shard_size,
+            overwrite=opts.overwrite, progress=opts.progress,
+        )
     peaks["export"] = peak_rss_gib()
     report = dict(report) | {"scheme": opts.scheme, "family": adapter.family.name, "layout": adapter.layout.name,
                              "peak_rss_gib_after": peaks,

@@ -40,7 +40,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -100,7 +100,7 @@ class SearchConfig:
 
 @dataclass
 class SearchResult:
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # hub module -> stored
+    tensors: MutableMapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # hub module -> stored
     replaced: dict[str, torch.Tensor]  # hub tensor name -> new float tensor (smoothed norms)
     report: dict = field(default_factory=dict)
 
@@ -598,15 +598,33 @@ def _optimize(block: Block, slins: list[SearchLinear], xs, hidden_q, targets, we
     return losses, best_err, best_step
 
 
+def _dequantize_into(out: torch.Tensor, stored, spec: LayerSpec, band: int = 512) -> None:
+    """The stored tensors' float32 weight written into ``out [N, K]`` a band of input rows at a
+    time (the band's temporaries, not three ``[K, N]`` float32 copies beside ``out``)."""
+    qweight, scales, qzeros = stored
+    k = out.shape[1]
+    rows = 8 if spec.bits == 4 else 1  # code rows per stored row
+    gs = effective_group_size(k, spec.group_size)
+    unit = math.lcm(gs if spec.group_size != -1 else 1, rows)
+    band = unit * max(1, band // unit)
+    for k0 in range(0, k, band):
+        k1 = min(k0 + band, k)
+        grouped = spec.group_size != -1
+        g = slice(k0 // gs, -(-k1 // gs)) if grouped else slice(None)
+        part = dequantize(qweight[k0 // rows:k1 // rows], scales[g], None if qzeros is None else qzeros[g], spec)
+        out[:, k0:k1].copy_(part.t())
+
+
 @torch.no_grad()
 def dequantized_linear(lin: nn.Linear, stored, spec: LayerSpec, act_bits: int | None) -> ActQuantLinear:
     """``lin`` turned in place into the stored math: its weight becomes the dequantized stored
     tensors (no copy of the layer), its input fake-quantized per token as the kernels do."""
-    deq = dequantize(*(t.to(lin.weight.device) if t is not None else None for t in stored), spec).t()
-    if lin.weight.dtype == torch.float32:
-        lin.weight.copy_(deq)
-    else:  # a 16-bit StoredLinear: the stored math needs float32 (codes x scales are not 16-bit exact)
-        lin.weight = nn.Parameter(deq.to(torch.float32).contiguous(), requires_grad=False)
+    stored = tuple(t.to(lin.weight.device) if t is not None else None for t in stored)
+    if lin.weight.dtype != torch.float32:  # a 16-bit StoredLinear: the stored math needs float32
+        shape, device = lin.weight.shape, lin.weight.device  # (codes x scales are not 16-bit exact)
+        lin.weight = None  # the 16-bit weight goes before its float32 successor is allocated
+        lin.weight = nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device), requires_grad=False)
+    _dequantize_into(lin.weight, stored, spec)
     return ActQuantLinear(lin, act_bits)
 
 
@@ -704,6 +722,7 @@ def qvlm_search(
     *,
     progress: bool = True,
     placement: Placement | None = None,
+    store: MutableMapping | None = None,
 ) -> SearchResult:
     """Run the Q-VLM search on the language model of ``model_dir`` (any family in :mod:`qvlm_offline.adapters`).
 
@@ -711,6 +730,8 @@ def qvlm_search(
     (:func:`qvlm_offline.calibration.build_model_inputs`). ``spec_for(hub module name)``
     gives each decoder linear's storage spec (the export's quantization config).
     ``placement``: device, search precision and activation store (default: CPU, float32).
+    ``store``: where each finished linear's stored tensors go (default a dict in memory;
+    :class:`~qvlm_offline.spill.SpilledTensors` keeps them on disk).
     """
     cfg = cfg or SearchConfig()
     torch.manual_seed(cfg.seed)
@@ -742,7 +763,7 @@ def qvlm_search(
     threshold = cfg.threshold if cfg.threshold is not None else default_threshold(ent)
     blocks = partition_blocks(ent, cfg.max_block_layers, threshold)
 
-    tensors, replaced, block_reports, kept_layers = {}, {}, [], []
+    tensors, replaced, block_reports, kept_layers = {} if store is None else store, {}, [], []
     held, _ = _split(len(xs), cfg.holdout)
     # the reported block errors (rtn / start / final) are measured on the held-out samples:
     # a diagnostic needs no full pass over the calibration set per block and state

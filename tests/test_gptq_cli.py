@@ -63,3 +63,5 @@ def test_cli_writes_what_the_library_call_writes(exported):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(read_tensor(a[name]), read_tensor(b[name])), name
+    # the finished layers waited on disk beside the output; that scratch is gone
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]

@@ -22,7 +22,14 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .export import ExportReport, build_quant_config, check_output_dir, export_checkpoint, read_source
+from .export import (
+    ExportReport,
+    _fixed_mmap_threshold,
+    build_quant_config,
+    check_output_dir,
+    export_checkpoint,
+    read_source,
+)
 from .report import peak_rss_gib
 from .spill import SpilledTensors
 
@@ -129,6 +136,7 @@ def quantize(src: str | Path, out: str | Path, options: QuantizeOptions) -> Quan
 
     quantize_fn, replaced, report = None, None, {"method": opts.method}
     peaks = {}  # this process's peak RSS (GiB) after each phase: where the peak was reached
+    _fixed_mmap_threshold()  # freed per-layer buffers go back to the OS (7B, 2 layers: peak 2.65 -> 2.33 GiB)
     with contextlib.ExitStack() as scratch:
         if opts.method != "rtn":
             inputs = _calibration_inputs(src, opts)
